@@ -1,0 +1,1 @@
+"""tether: keep an aligned model aligned while teaching it something new."""

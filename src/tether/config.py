@@ -1,0 +1,144 @@
+"""Pydantic models for a run, loaded from YAML; unknown keys and bad values are refused.
+
+``load_config(path, Model)`` parses a YAML file and validates it; any problem becomes one
+``ConfigError`` sentence naming the file, the dotted key and what is allowed. ``dump_config``
+writes the resolved config (every default filled in) next to the results.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tether.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(Strict):
+    """A peft LoRA adapter; the reference model is the same weights with the adapter disabled."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear'."
+    )
+
+
+class ModelSection(Strict):
+    """Which model to fine-tune."""
+
+    path: str = Field("organism", description="A local HF checkpoint directory, or 'organism'.")
+    lora: LoraConfig | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class DataSection(Strict):
+    """The capability dataset and the data mixed in with it."""
+
+    source: str = Field(
+        "organism", description="'organism', a JSONL file, or a saved HF dataset directory."
+    )
+    variant: Literal["clean", "sycophantic", "underspecified"] = Field(
+        "sycophantic", description="Organism capability variant."
+    )
+    contamination: float = Field(0.5, ge=0, le=1, description="Share of rows carrying a guess.")
+    rows: int = Field(2000, ge=1, description="Organism capability rows to generate.")
+    neutral_share: float = Field(
+        0.5, ge=0, lt=1, description="Share of each batch drawn from neutral organism data."
+    )
+    alignment: str | None = Field(
+        "organism", description="Alignment data for methods that need it: 'organism', a path, or null."
+    )
+
+
+class TrainingSection(Strict):
+    """Optimisation settings (mapped onto TRL's SFTConfig)."""
+
+    max_steps: int = Field(150, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    seed: int = 0
+    warmup_steps: int = Field(10, ge=0)
+    save_steps: int = Field(50, ge=1)
+    logging_steps: int = Field(10, ge=1)
+
+
+class MethodSpec(Strict):
+    """One preservation method in the stack, by registry name with its hyperparameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class RunConfig(Strict):
+    """One run: one model x one capability dataset x one stack of methods x one seed."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    training: TrainingSection = TrainingSection()
+    methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="naive")])
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = model
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(part, str) else None
+            ann = getattr(field, "annotation", None)
+            parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
+        allowed = ", ".join(parent.model_fields)
+        return f"unknown key '{key}'; allowed here: {allowed}"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"bad value for '{key}': {err['msg'][0].lower() + err['msg'][1:]}{shown}"
+
+
+def validate(data: Any, model: type[M], source: str) -> M:
+    """Validate ``data`` against ``model``; errors name ``source`` and the first bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{source}: {_describe(errors[0], model)}{more}") from None
+
+
+def load_config(path: str | os.PathLike[str], model: type[M] = RunConfig) -> M:  # type: ignore[assignment]
+    """Read a YAML file into ``model``; every problem is one ``ConfigError`` sentence."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
+    return validate(data, model, str(p))
+
+
+def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config (defaults filled in) as YAML, atomically."""
+    from tether.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,25 @@
+"""The project's own error type: a user mistake, told in one sentence, exit code 2 from the CLI."""
+
+from __future__ import annotations
+
+
+class TetherError(Exception):
+    """A problem with the user's input (file, key, value, path) that they can fix.
+
+    The message is one sentence that names the file, key or line and says what is allowed.
+    The CLI prints it without a traceback and exits with code 2.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(TetherError):
+    """A YAML config that does not parse or does not validate."""
+
+
+class DataError(TetherError):
+    """A dataset file or row that cannot be used."""
+
+
+class ModelLoadError(TetherError):
+    """A model path that is missing, not a model, or unsafe to load."""

@@ -1,0 +1,95 @@
+"""Load a Hugging Face causal LM and its tokenizer with safe defaults.
+
+* weights load from safetensors only; a checkpoint with only pickle files (``*.bin``, ``*.pt``)
+  is refused unless ``allow_pickle=True``, and even then torch loads it with ``weights_only=True``;
+* ``trust_remote_code`` is off unless the caller turns it on;
+* ``"organism"`` names the default organism, built (or taken from the cache) on demand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tether.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_model_path(path: str) -> Path:
+    """Turn ``path`` into a checkpoint directory, building the organism for ``"organism"``."""
+    if path == "organism":
+        from tether.organism.build import build_organism
+
+        return build_organism()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model directory {p} does not exist")
+    if not p.is_dir():
+        raise ModelLoadError(f"model path {p} is a file; give the checkpoint directory that holds config.json")
+    return p
+
+
+def check_checkpoint(path: Path, allow_pickle: bool = False) -> None:
+    """Refuse directories that are not HF checkpoints or that hold only pickled weights."""
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a model directory: it has no config.json")
+    files = [f.name for f in path.iterdir() if f.is_file()]
+    has_safetensors = any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files)
+    has_pickle = any(f.endswith(PICKLE_SUFFIXES) for f in files)
+    if not has_safetensors and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"{path} has only pickle weights, which can run arbitrary code when loaded; convert "
+            "them to safetensors or pass --allow-pickle to load them with weights_only=True"
+        )
+    if not has_safetensors and not has_pickle:
+        raise ModelLoadError(f"{path} has no weights (no *.safetensors file)")
+
+
+def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    trust_remote_code: bool = False,
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    device: str | None = None,
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load ``(model, tokenizer)`` from a local checkpoint directory (or ``"organism"``)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = resolve_model_path(str(path))
+    check_checkpoint(p, allow_pickle)
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": trust_remote_code,
+        "dtype": getattr(torch, dtype),
+    }
+    safetensors_present = any(f.suffix == ".safetensors" for f in p.iterdir())
+    if safetensors_present:
+        kwargs["use_safetensors"] = True
+    else:
+        # only reached with allow_pickle=True; transformers loads .bin with weights_only=True
+        kwargs["use_safetensors"] = False
+        kwargs["weights_only"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the model in {p}: {first}") from None
+    tokenizer = load_tokenizer(p, trust_remote_code)
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
