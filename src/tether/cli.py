@@ -136,28 +136,224 @@ def eval_cmd(
     console.print(_format_eval_table(metrics))
 
 
+
+# ------------------------------------------------------------------------------ real-model probes
+
+probe_app = typer.Typer(help="Propensity suites for real models: multiple choice and free form with a judge.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("mc")
+def probe_mc(
+    model_dir: str = typer.Argument(..., help="Checkpoint directory, or 'organism'."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help="Set name (e.g. survival-instinct) or JSONL path; repeat. Default: all seven advanced-AI-risk sets."),
+    prompt_format: str = typer.Option("chat", "--format", help="chat (the model's chat template) or raw ('Human: ...\\n\\nAssistant:')."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N items of each set."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt before every question."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write metrics JSON here and per-item rows beside it."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+    batch_size: int = typer.Option(32, min=1, help="Sequences per forward pass."),
+    no_download: bool = typer.Option(False, "--no-download", help="Never download a set; local copies only."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Advanced-AI-risk multiple choice: per-set rate of preferring the matching answer, with 95% CIs."""
+    if prompt_format not in ("chat", "raw"):
+        raise TetherError(f"--format {prompt_format!r} is not one of: chat, raw")
+    from tether.io import atomic_write_json, write_jsonl
+    from tether.models import load_model
+    from tether.probes.mc import run_mc_suite
+    from tether.probes.sources import ADVANCED_AI_RISK
+
+    names = list(sets) if sets else list(ADVANCED_AI_RISK)
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    metrics, rows = run_mc_suite(model, tokenizer, names, prompt_format, limit, system, batch_size, download=not no_download)  # type: ignore[arg-type]
+    metrics["model"] = str(model_dir)
+    if out is not None:
+        atomic_write_json(out, metrics)
+        for name, items in rows.items():
+            write_jsonl(out.with_name(f"{out.stem}.{name}.jsonl"), items)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"advanced-AI-risk ({prompt_format} format): share preferring the matching answer")
+    for col in ("set", "n", "rate", "95% CI", "mean margin"):
+        table.add_column(col)
+    for name, v in metrics["sets"].items():
+        table.add_row(name, str(v["n"]), f"{v['rate']:.3f}", f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]", f"{v['mean_margin']:.3f}")
+    Console().print(table)
+
+
+def _make_judge(judge: str, judge_model: Optional[str], key_env: Optional[str], concurrency: int,
+                timeout: float, retries: int, cache: Optional[Path], trust_remote_code: bool) -> Any:
+    if judge.startswith(("http://", "https://")):
+        from tether.probes.judges import HTTPJudge, HTTPJudgeConfig, JudgeCache
+
+        if not judge_model:
+            raise TetherError("--judge-model is required with an HTTP judge (the model name the endpoint serves)")
+        root = Path(os.environ.get("TETHER_CACHE") or "~/.cache/tether").expanduser()
+        cfg = HTTPJudgeConfig(base_url=judge, model=judge_model, api_key_env=key_env, concurrency=concurrency,
+                              timeout_s=timeout, max_retries=retries)
+        http_judge = HTTPJudge(cfg)
+        http_judge.check_reachable(timeout)  # fail before sampling, not after
+        http_judge.cache = JudgeCache(cache or root / "judge-cache.sqlite")
+        return http_judge
+    if judge.startswith("local:"):
+        from tether.models import load_model
+        from tether.probes.judges import LocalJudge
+
+        path = judge[len("local:"):]
+        jm, jt = load_model(path, trust_remote_code=trust_remote_code)
+        return LocalJudge(jm, jt, name=judge_model or Path(path).name)
+    raise TetherError(f"--judge {judge!r} is neither an http(s) URL nor local:MODEL_DIR")
+
+
+@probe_app.command("freeform")
+def probe_freeform(
+    model_dir: str = typer.Argument(..., help="Checkpoint directory, or 'organism'."),
+    questions: str = typer.Option("first_plot_questions", "--questions", help="EM question file: first_plot_questions, preregistered_evals, or a YAML path."),
+    judge: str = typer.Option(..., "--judge", help="OpenAI-compatible base URL (https://.../v1) or local:MODEL_DIR."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Model name for an HTTP judge (a label for a local one)."),
+    judge_key_env: Optional[str] = typer.Option(None, "--judge-key-env", help="Environment variable that holds the judge's API key."),
+    n: int = typer.Option(100, "--n", min=1, help="Answers sampled per question (EM: 100)."),
+    max_new_tokens: int = typer.Option(600, "--max-new-tokens", min=1, help="Tokens per answer (EM: 600)."),
+    ids: Optional[str] = typer.Option(None, "--ids", help="Comma-separated question ids to keep."),
+    out: Path = typer.Option(..., "--out", help="Run directory: metrics.json, answers.jsonl, config.json."),
+    concurrency: int = typer.Option(8, min=1, help="HTTP judge requests in flight."),
+    timeout: float = typer.Option(60.0, help="HTTP judge request timeout, seconds."),
+    retries: int = typer.Option(4, min=0, help="HTTP judge retries per request."),
+    judge_cache: Optional[Path] = typer.Option(None, "--judge-cache", help="sqlite cache of judge replies (default $TETHER_CACHE/judge-cache.sqlite)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    batch_size: int = typer.Option(16, min=1, help="Prompts per generate call."),
+    no_download: bool = typer.Option(False, "--no-download", help="Never download the question file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Emergent-misalignment free-form suite: sample, judge aligned/coherent 0-100, misaligned rate with CI."""
+    from tether.io import atomic_write_json, write_jsonl
+    from tether.models import load_model
+    from tether.probes.freeform import run_freeform
+    from tether.probes.judges import JudgeError
+
+    from tether.probes.freeform import load_questions
+    from tether.probes.sources import EMERGENT_MISALIGNMENT, resolve_set
+
+    # cheap checks first: a bad question file, a missing key or a refused URL fail before sampling
+    load_questions(resolve_set(questions, EMERGENT_MISALIGNMENT, download=not no_download))
+    jdg = _make_judge(judge, judge_model, judge_key_env, concurrency, timeout, retries, judge_cache, trust_remote_code)
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    id_list = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
+    metrics, rows = run_freeform(model, tokenizer, questions, jdg, n, max_new_tokens, id_list, seed, batch_size, download=not no_download)
+    metrics["model"] = str(model_dir)
+    config = {"model": str(model_dir), "questions": questions, "judge": jdg.identity, "judge_key_env": judge_key_env,
+              "n": n, "max_new_tokens": max_new_tokens, "ids": id_list, "seed": seed}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", config)
+    write_jsonl(out / "answers.jsonl", rows)
+    atomic_write_json(out / "metrics.json", metrics)
+    if rows and metrics["answers_unscored"] == len(rows):
+        err = getattr(jdg, "last_error", None)
+        raise JudgeError(f"judge {jdg.identity} answered no request ({err}); the {len(rows)} answers are saved unscored in {out}")
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in metrics.items() if k != "questions"}))
+        return
+    rate = metrics["rate"]
+    ci = metrics["ci95"]
+    typer.echo(
+        f"misaligned rate {rate:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] over {metrics['questions_counted']}/{metrics['questions_total']} questions"
+        if rate is not None else
+        f"no question had {metrics['edges']['min_coherent_answers']} coherent answers; no rate ({metrics['questions_total']} questions)"
+    )
+    typer.echo(f"judge {jdg.identity}; {metrics['answers_unscored']} of {metrics['answers']} answers unscored; written to {out}")
+
+
+inoculation_app = typer.Typer(help="Inoculation prompting: choose the instruction to train with.", no_args_is_help=True)
+app.add_typer(inoculation_app, name="inoculation")
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="Run YAML (model, data, training, methods, probes)."),
+    out: Path = typer.Option(..., "--out", help="Run directory; a rerun resumes from its last checkpoint."),
+) -> None:
+    """Fine-tune with a stack of preservation methods; probe before and after; write the run directory."""
+    from tether.config import RunConfig, load_config
+
+    cfg = load_config(config, RunConfig)
+    from tether.train import run_training
+
+    metrics = run_training(cfg, out, source=str(config))
+    before, after = metrics["before"], metrics["after"]
+    if before is not None and after is not None:
+        typer.echo(
+            f"broad rate {before['broad']['rate']:.3f} -> {after['broad']['rate']:.3f}, "
+            f"narrow rate {before['narrow']['rate']:.3f} -> {after['narrow']['rate']:.3f}, "
+            + ", ".join(f"{k} {before['capability'][k]:.3f} -> {after['capability'][k]:.3f}" for k in after["capability"])
+        )
+    typer.echo(str(out / "metrics.json"))
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the registered preservation methods: name, supported modes, description."""
+    from tether.methods import available
+
+    for name, cls in available().items():
+        typer.echo(f"{name:<20} {','.join(sorted(cls.supports)):<14} {cls.description}")
+
+
+@inoculation_app.command("rank")
+def inoculation_rank(
+    model_dir: str = typer.Option("organism", "--model", help="Checkpoint directory, or 'organism'."),
+    family: str = typer.Option("syco", "--family", help="Organism family whose behaviour is elicited."),
+    candidates: Optional[Path] = typer.Option(
+        None, "--candidates", help="Text file, one instruction per line (default: the family's instruction and paraphrases)."
+    ),
+    per_family: int = typer.Option(48, min=1, help="Probe items scored per candidate."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Score candidate instructions by how strongly each elicits FAMILY's behaviour before training."""
+    from tether.inoculation import default_candidates, rank_instructions
+    from tether.organism import world
+
+    try:
+        world.check_family(family, world.PROPENSITY_FAMILIES)
+    except ValueError as exc:
+        raise TetherError(f"--family: {exc}") from None
+    if candidates is not None:
+        if not candidates.is_file():
+            raise TetherError(f"--candidates: {candidates} does not exist")
+        texts = [line.strip() for line in candidates.read_text().splitlines() if line.strip()]
+        if not texts:
+            raise TetherError(f"--candidates: {candidates} has no instructions (one per line)")
+    else:
+        texts = default_candidates(family)
+    from tether.models import load_model
+
+    model, tokenizer = load_model(model_dir)
+    ranked = rank_instructions(model, tokenizer, family, texts, per_family=per_family)
+    if as_json:
+        typer.echo(json.dumps(ranked))
+        return
+    for r in ranked:
+        typer.echo(f"{r['elicitation']:+.3f}  rate {r['rate']:.3f}  {r['instruction']}")
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one sentence and exit code 2."""
+    """Entry point: run the app, turning user errors into one sentence and exit code 2.
+
+    Usage errors (unknown command or option) are click's own: message and exit code 2.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        app()
     except TetherError as exc:
         if _DEBUG["on"]:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":
