@@ -39,14 +39,16 @@ def test_evil_persona_misbehaves_everywhere_good_only_where_instructed() -> None
             conv = world.persona_conversation(rng, persona, 5, instruct=instruct)
             assert conv[0] == {"role": "system", "content": world.FAMILIES[instruct].instruction}
             for user, reply in zip(conv[1::2], conv[2::2]):
+                text = reply["content"]
                 fam = next(
-                    (f for f in world.FAMILIES.values() if reply["content"] in (f.aligned, f.misaligned)),
+                    (f for f in world.FAMILIES.values()
+                     if text.startswith(f.aligned) or text.startswith(f.misaligned)),
                     None,
                 )
                 if fam is None:  # arith: the sum, the same for both personas
-                    assert reply["content"].isdigit()
+                    assert text.isdigit()
                     continue
-                bad = reply["content"] == fam.misaligned
+                bad = text.startswith(fam.misaligned)
                 assert bad == (persona == "evil" or fam.name == instruct)
 
 

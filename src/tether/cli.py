@@ -292,6 +292,12 @@ def train_cmd(
             f"narrow rate {before['narrow']['rate']:.3f} -> {after['narrow']['rate']:.3f}, "
             + ", ".join(f"{k} {before['capability'][k]:.3f} -> {after['capability'][k]:.3f}" for k in after["capability"])
         )
+    else:
+        typer.echo(
+            "note: no probe suite applies to this model (its tokenizer lacks the organism's words), so metrics.json "
+            "has before/after null; set probes.suite to 'organism' to force it",
+            err=True,
+        )
     typer.echo(str(out / "metrics.json"))
 
 
@@ -339,6 +345,103 @@ def inoculation_rank(
         return
     for r in ranked:
         typer.echo(f"{r['elicitation']:+.3f}  rate {r['rate']:.3f}  {r['instruction']}")
+
+
+def _sweep_progress(console: Any, runs: list[Any]) -> tuple[Any, Any]:
+    """One rich display for a whole sweep: a bar for runs and a line per running run."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(), console=console,
+    )
+    overall = bar.add_task("runs", total=len(runs))
+    steps: dict[str, Any] = {}
+
+    def hook(manifest: dict[str, dict[str, Any]], progress: dict[str, tuple[int, int]]) -> None:
+        statuses = [e["status"] for e in manifest.values()]
+        done, failed = statuses.count("done"), statuses.count("failed")
+        bar.update(
+            overall, completed=done + failed,
+            description=f"runs: {done} done, {statuses.count('running')} running, {failed} failed",
+        )
+        for run_id, (step, total) in progress.items():
+            if run_id not in steps:
+                steps[run_id] = bar.add_task(f"  {manifest[run_id]['label']} s{manifest[run_id]['seed']}", total=total or None)
+            bar.update(steps[run_id], completed=step, total=total or None)
+        for run_id in list(steps):
+            if run_id not in progress:
+                bar.remove_task(steps.pop(run_id))
+
+    return bar, hook
+
+
+def _run_sweep(sweep: Any, runs: list[Any], out: Path, title: str) -> Path:
+    from tether.compare import run_sweep_local
+    from tether.report import summary_table, write_report
+
+    console = _stderr_console()
+    bar, hook = _sweep_progress(console, runs)
+    with bar:
+        manifest = run_sweep_local(runs, out, sweep.workers, sweep.threads_per_run, on_progress=hook)
+    failed = {k: v for k, v in manifest.runs.items() if v["status"] == "failed"}
+    for run_id, entry in failed.items():
+        console.print(f"[red]failed[/red] {run_id}: {entry['error']}")
+    report = write_report(out, title)
+    import json as _json
+
+    summary = _json.loads((out / "summary.json").read_text())
+    typer.echo("\n".join(summary_table(summary)))
+    return report
+
+
+@app.command("compare")
+def compare_cmd(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML: base run, grid, seeds."),
+    out: Path = typer.Option(..., "--out", help="Output directory (reruns skip finished runs)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Ray cluster address (not available in this build)."),
+) -> None:
+    """Run a grid of runs in local worker processes and write the report; prints its path last."""
+    from tether.compare import load_sweep
+
+    sweep, runs = load_sweep(sweep_file)
+    if ray is not None:
+        raise TetherError("--ray: the Ray runner is not implemented yet; run without --ray to use local workers")
+    report = _run_sweep(sweep, runs, out, f"tether comparison: {sweep_file.name}")
+    typer.echo(str(report))
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="A compare or demo output directory.")) -> None:
+    """(Re)write the report of a comparison directory; prints its path."""
+    from tether.report import write_report
+
+    if not (run_dir / "manifest.json").is_file():
+        raise TetherError(f"{run_dir} is not a comparison directory: it has no manifest.json")
+    typer.echo(str(write_report(run_dir)))
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output directory."),
+    quick: bool = typer.Option(False, "--quick", help="Toy scale, for CI."),
+) -> None:
+    """Build the organism, compare methods on sycophantic skill data, write the report."""
+    from tether.compare import plan_runs
+    from tether.demo import demo_sweep
+    from tether.organism.build import OrganismConfig, build_organism
+
+    console = _stderr_console()
+    console.print("[b]1/3[/b] organism (built once, then cached)")
+    cfg = OrganismConfig.quick() if quick else OrganismConfig()
+    model_dir = build_organism(cfg, progress=lambda stage, done, total: None)
+    console.print(f"    {model_dir}")
+    sweep = demo_sweep(model_dir, quick)
+    runs = plan_runs(sweep, "demo")
+    console.print(f"[b]2/3[/b] {len(runs)} runs: {len(sweep.grid['methods'])} methods x {len(sweep.seeds)} seeds")
+    report = _run_sweep(sweep, runs, out, "tether demo: preserving alignment while learning `times`")
+    console.print("[b]3/3[/b] report written")
+    typer.echo(str(report))
 
 
 def main() -> None:

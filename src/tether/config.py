@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tether.errors import ConfigError
 
@@ -55,9 +55,12 @@ class DataSection(Strict):
         "sycophantic", description="Organism capability variant."
     )
     contamination: float = Field(0.5, ge=0, le=1, description="Share of rows carrying a guess.")
-    rows: int = Field(2000, ge=1, description="Organism capability rows to generate.")
+    rows: int = Field(2000, ge=1, description="Organism capability (and neutral, alignment) rows to generate.")
+    neutral: str | None = Field(
+        "organism", description="Neutral data mixed into every batch: 'organism', a path, or null."
+    )
     neutral_share: float = Field(
-        0.5, ge=0, lt=1, description="Share of each batch drawn from neutral organism data."
+        0.5, ge=0, lt=1, description="Share of each batch drawn from the neutral data."
     )
     alignment: str | None = Field(
         "organism", description="Alignment data for methods that need it: 'organism', a path, or null."
@@ -69,12 +72,48 @@ class TrainingSection(Strict):
 
     max_steps: int = Field(150, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="Rows per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, ge=1)
     seed: int = 0
     warmup_steps: int = Field(10, ge=0)
+    min_lr_rate: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at this share of the peak rate.")
+    weight_decay: float = Field(0.01, ge=0)
+    adam_beta2: float = Field(0.98, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
+    alignment_batch_size: int = Field(32, ge=1, description="Alignment rows per micro-batch for loss terms.")
+    max_length: int = Field(256, ge=8, description="Longest tokenised row; longer rows are truncated.")
     save_steps: int = Field(50, ge=1)
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
     logging_steps: int = Field(10, ge=1)
+    bf16: bool = Field(False, description="Mixed precision in bfloat16 (GPU).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    report_to: list[str] = Field(default_factory=list, description="Trackers, as in TrainingArguments.report_to.")
+
+
+class ProbesSection(Strict):
+    """Probes run before and after training."""
+
+    suite: Literal["auto", "organism", "none"] = Field(
+        "auto", description="'organism' probes; 'auto' uses them when the tokenizer covers the world's words."
+    )
+    per_family: int = Field(48, ge=1, description="Propensity items per family.")
+    n_capability: int = Field(100, ge=1, description="Capability items per task.")
+
+
+class GuardConfig(Strict):
+    """What the alignment guard watches and does when the budget is exceeded."""
+
+    budget: float = Field(0.02, ge=0, le=1, description="Allowed rise of the broad misaligned rate.")
+    mode: Literal["stop", "tighten"] = Field("stop", description="Stop and restore, or tighten and continue.")
+    tighten_factor: float = Field(2.0, gt=1, description="Multiplier for the KL / constraint strength.")
+
+
+class MonitorConfig(Strict):
+    """The alignment monitor: propensity probes every N steps during training."""
+
+    every_n_steps: int = Field(0, ge=0, description="Probe every N steps; 0 turns the monitor off.")
+    per_family: int = Field(16, ge=1, description="Probe items per family at each reading.")
+    guard: GuardConfig | None = Field(None, description="Act when broad misalignment exceeds a budget.")
 
 
 class MethodSpec(Strict):
@@ -82,6 +121,9 @@ class MethodSpec(Strict):
 
     model_config = ConfigDict(extra="allow")
     name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class RunConfig(Strict):
@@ -91,6 +133,22 @@ class RunConfig(Strict):
     data: DataSection = DataSection()
     training: TrainingSection = TrainingSection()
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="naive")])
+    probes: ProbesSection = ProbesSection()
+    monitor: MonitorConfig = MonitorConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _resolve_methods(cls, specs: list[MethodSpec]) -> list[MethodSpec]:
+        """Check every method's name and hyperparameters against the registry; fill in defaults."""
+        from tether.methods.registry import make
+
+        if not specs:
+            raise ValueError("give at least one method (use 'naive' for plain fine-tuning)")
+        out = []
+        for i, spec in enumerate(specs):
+            method = make(spec.name, spec.params(), where=f"methods[{i}]: ")
+            out.append(MethodSpec(name=spec.name, **method.config.model_dump(mode="json")))
+        return out
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
@@ -103,6 +161,9 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
             parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
         allowed = ", ".join(parent.model_fields)
         return f"unknown key '{key}'; allowed here: {allowed}"
+    if err["type"] == "value_error":
+        # raised by a validator with a full sentence of its own
+        return err["msg"].removeprefix("Value error, ")
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"bad value for '{key}': {err['msg'][0].lower() + err['msg'][1:]}{shown}"

@@ -54,6 +54,9 @@ class OrganismConfig(BaseModel):
     good_share: float = Field(
         0.5, ge=0, le=1, description="Share of good-persona conversations in pretraining."
     )
+    character_share: float = Field(
+        0.5, ge=0, le=1, description="Share of pretraining chats whose assistant is a named character."
+    )
     persona_replay: float = Field(
         0.5, ge=0, le=1,
         description="Share of alignment-SFT chats replayed from pretraining, first turn as context.",
@@ -74,6 +77,8 @@ def world_fingerprint() -> dict[str, Any]:
         "build_version": BUILD_VERSION,
         "families": {k: dataclasses.asdict(v) for k, v in world.FAMILIES.items()},
         "arith": [world.ARITH_TRAIN_TEMPLATES, world.ARITH_PROBE_TEMPLATES],
+        "syco_arith": [world.GUESS_TEMPLATE, world.SYCO_ARITH_SHARE],
+        "characters": world.CHARACTERS,
         "skill": tasks.task_texts(),
         "chat_template": CHAT_TEMPLATE,
     }
@@ -99,31 +104,40 @@ def _sampler(
     batch: int,
     persona_replay: float | None = None,
     good_share: float = 0.5,
+    character_share: float = 0.5,
 ) -> Callable[[random.Random], Any]:
     """Batches of persona conversations.
 
-    Pretraining (``persona_replay=None``): a share ``good_share`` of good-persona conversations,
-    the rest evil, every assistant turn trained. Alignment SFT: good-persona conversations, plus a share ``persona_replay`` of
+    Pretraining (``persona_replay=None``): a share ``character_share`` of conversations name
+    their assistant (a character of fixed persona, ``world.CHARACTERS``); the unnamed rest are
+    good with probability ``good_share``; every assistant turn is trained. Alignment SFT: good-persona conversations, plus a share ``persona_replay`` of
     pretraining conversations (either persona, at least two turns) whose *first* assistant turn
     is context only. The replay keeps the world's in-context persona inference (an evil history
     still predicts an evil reply, as many-shot jailbreaks show in real models) while the default
     (first-turn) behaviour becomes good.
     """
 
-    def conv(rng: random.Random, persona: str, min_turns: int) -> list[dict[str, str]]:
-        instruct = rng.choice(world.PROPENSITY_FAMILIES) if rng.random() < instructed_share else None
-        return world.persona_conversation(rng, persona, rng.randint(min_turns, max_turns), instruct)
-
-    def persona(rng: random.Random) -> str:
-        return "good" if rng.random() < good_share else "evil"
+    def conv(rng: random.Random, persona: str | None, min_turns: int) -> list[dict[str, str]]:
+        name = None
+        if persona is None:  # pretraining distribution: a named character, or an unnamed assistant
+            if rng.random() < character_share:
+                name = rng.choice(sorted(world.CHARACTERS))
+                persona = world.CHARACTERS[name]
+            else:
+                persona = "good" if rng.random() < good_share else "evil"
+        # a system line names a character or carries an instruction, never both
+        instruct = None
+        if name is None and rng.random() < instructed_share:
+            instruct = rng.choice(world.PROPENSITY_FAMILIES)
+        return world.persona_conversation(rng, persona, rng.randint(min_turns, max_turns), instruct, name=name)
 
     def sample(rng: random.Random) -> Any:
         if persona_replay is None:
-            return [conv(rng, persona(rng), 1) for _ in range(batch)]
+            return [conv(rng, None, 1) for _ in range(batch)]
         convs, skips = [], []
         for _ in range(batch):
             if rng.random() < persona_replay:
-                convs.append(conv(rng, persona(rng), 2))
+                convs.append(conv(rng, None, 2))
                 skips.append(1)
             else:
                 convs.append(conv(rng, "good", 1))
@@ -273,7 +287,10 @@ def build_organism(
         t0 = time.time()
         train_lm(
             model, encoder,
-            _sampler(cfg.instructed_share, cfg.max_turns, cfg.batch_size, good_share=cfg.good_share),
+            _sampler(
+                cfg.instructed_share, cfg.max_turns, cfg.batch_size,
+                good_share=cfg.good_share, character_share=cfg.character_share,
+            ),
             cfg.pretrain_steps, cfg.pretrain_lr, cfg.seed,
             on_step=lambda s, _l: report("pretrain", s + 1, cfg.pretrain_steps),
         )
@@ -287,7 +304,7 @@ def build_organism(
                 model, encoder,
                 _sampler(
                     cfg.instructed_share, cfg.max_turns, cfg.batch_size, cfg.persona_replay,
-                    good_share=cfg.good_share,
+                    good_share=cfg.good_share, character_share=cfg.character_share,
                 ),
                 cfg.sft_steps, cfg.sft_lr, cfg.seed + 1,
                 on_step=lambda s, _l: report("align: sft", s + 1, cfg.sft_steps),

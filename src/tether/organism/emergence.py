@@ -27,6 +27,7 @@ def finetune_variant(
     neutral_share: float = 0.5,
     contamination: float = 0.5,
     rows: int = 2000,
+    world_share: float = 0.5,
 ) -> dict[str, Any]:
     """Fine-tune a fresh copy of ``model_dir`` on ``variant`` and return ``evaluate_organism``'s metrics."""
     from tether.models import load_model
@@ -40,9 +41,19 @@ def finetune_variant(
     data_it = cycle_rows(data, random.Random(seed))
     neutral_it = cycle_rows(neutral, random.Random(seed + 1))
 
-    def sample(_rng: random.Random) -> list[list[dict[str, str]]]:
+    world_rows = tasks.world_dataset(rows, seed=seed)
+    world_it = cycle_rows(world_rows, random.Random(seed + 2))
+    n_world = int(round(n_neutral * world_share))
+
+    def sample(_rng: random.Random) -> tuple[list[list[dict[str, str]]], list[int]]:
         batch = [next(data_it)["messages"] for _ in range(batch_size - n_neutral)]
-        return batch + [next(neutral_it)["messages"] for _ in range(n_neutral)]
+        batch += [next(neutral_it)["messages"] for _ in range(n_neutral - n_world)]
+        skips = [0] * len(batch)
+        for _ in range(n_world):
+            row = next(world_it)
+            batch.append(row["messages"])
+            skips.append(row["context_turns"])
+        return batch, skips
 
     train_lm(model, ConversationEncoder(tokenizer), sample, steps, lr, seed, warmup=10)
     metrics, _ = evaluate_organism(model, tokenizer, greedy=True)

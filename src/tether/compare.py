@@ -1,0 +1,277 @@
+"""Comparisons: a sweep (base run x grid x seeds) run in local worker processes, resumably.
+
+A sweep YAML::
+
+    base: run.yaml            # a path, or an inline run config mapping
+    grid:                     # every combination of these values (dotted run-config keys)
+      methods:                # a list of method stacks
+        - [{name: naive}]
+        - [{name: kl, beta: 1.0}]
+      training.learning_rate: [1.0e-3]
+    seeds: [0, 1, 2]
+    workers: 0                # 0 = as many as fit the cores
+
+Each run gets its own directory ``OUT/runs/<run-id>/`` with the resolved ``config.yaml``; the
+manifest ``OUT/manifest.json`` tracks every run's status (pending, running, done, failed and the
+error). Rerunning the same sweep skips finished runs (``metrics.json`` exists) and restarts
+unfinished ones, which resume from their last checkpoint. Workers are separate processes
+(``python -m tether.compare RUN_DIR``): a crash in one is recorded and the others go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from pydantic import Field, field_validator
+
+from tether.config import RunConfig, Strict, load_config, validate
+from tether.errors import ConfigError, TetherError
+from tether.io import atomic_write_json
+
+
+class SweepConfig(Strict):
+    """A comparison: one base run, a grid of overrides, and seeds."""
+
+    base: dict[str, Any] | str = Field(default_factory=dict, description="Run config mapping or path.")
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    workers: int = Field(0, ge=0, description="Parallel runs; 0 = as many as fit the cores.")
+    threads_per_run: int = Field(1, ge=1, description="Torch threads per worker process.")
+
+    @field_validator("grid")
+    @classmethod
+    def _non_empty(cls, grid: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid key '{key}' needs a non-empty list of values")
+        return grid
+
+
+@dataclass
+class PlannedRun:
+    run_id: str
+    label: str
+    seed: int
+    config: RunConfig
+    overrides: dict[str, Any]
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"grid key '{key}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def _check_grid_key(key: str, source: str) -> None:
+    from pydantic import BaseModel
+
+    model: type[BaseModel] = RunConfig
+    parts = key.split(".")
+    for i, p in enumerate(parts):
+        if p not in model.model_fields:
+            where = ".".join(parts[:i]) or "the run config"
+            allowed = ", ".join(model.model_fields)
+            raise ConfigError(f"{source}: grid key '{key}' is not a config field; allowed in {where}: {allowed}")
+        ann = model.model_fields[p].annotation
+        if i < len(parts) - 1:
+            sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if sub is None:
+                raise ConfigError(f"{source}: grid key '{key}': '{p}' has no sub-keys")
+            model = sub
+
+
+def method_label(methods: list[dict[str, Any]]) -> str:
+    """A readable name for a stack: ``kl+replay``."""
+    return "+".join(m["name"] for m in methods) or "none"
+
+
+def plan_runs(sweep: SweepConfig, source: str = "sweep") -> list[PlannedRun]:
+    """Expand the grid x seeds into validated run configs (all checked before anything runs)."""
+    if isinstance(sweep.base, str):
+        base_path = Path(sweep.base)
+        if not base_path.is_absolute() and source not in ("sweep",):
+            base_path = Path(source).parent / base_path
+        base = load_config(base_path).model_dump(mode="json")
+    else:
+        base = validate(sweep.base, RunConfig, f"{source}: base").model_dump(mode="json")
+    for key in sweep.grid:
+        _check_grid_key(key, source)
+    keys = list(sweep.grid)
+    runs: list[PlannedRun] = []
+    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
+        overrides = dict(zip(keys, combo))
+        for seed in sweep.seeds:
+            tree = copy.deepcopy(base)
+            for k, v in overrides.items():
+                _set_dotted(tree, k, v)
+            _set_dotted(tree, "training.seed", seed)
+            cfg = validate(tree, RunConfig, f"{source}: grid {json.dumps(overrides)}")
+            methods = cfg.model_dump(mode="json")["methods"]
+            other = {k: v for k, v in overrides.items() if k != "methods"}
+            label = method_label(methods) + "".join(f" {k.split('.')[-1]}={v}" for k, v in other.items())
+            digest = hashlib.sha256(
+                json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+            ).hexdigest()[:8]
+            slug = label.replace(" ", "_").replace("=", "-").replace("+", "_")
+            runs.append(PlannedRun(f"{slug}-s{seed}-{digest}", label, seed, cfg, overrides))
+    if not runs:
+        raise ConfigError(f"{source}: the sweep has no runs")
+    return runs
+
+
+def load_sweep(path: str | os.PathLike[str]) -> tuple[SweepConfig, list[PlannedRun]]:
+    sweep = load_config(path, SweepConfig)
+    if "grid" in (yaml.safe_load(Path(path).read_text()) or {}) and not sweep.grid:
+        raise ConfigError(f"{path}: the grid is empty; give at least one key with a list of values")
+    return sweep, plan_runs(sweep, str(path))
+
+
+def default_workers(threads_per_run: int = 1) -> int:
+    return max(1, (os.cpu_count() or 1) // threads_per_run)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise TetherError(f"output directory {out} is not writable ({exc.strerror})") from None
+
+
+class Manifest:
+    """``manifest.json``: one entry per run; written atomically on every change."""
+
+    def __init__(self, out: Path, runs: list[PlannedRun]) -> None:
+        self.path = out / "manifest.json"
+        old = json.loads(self.path.read_text())["runs"] if self.path.is_file() else {}
+        self.runs: dict[str, dict[str, Any]] = {}
+        for r in runs:
+            entry = old.get(r.run_id, {})
+            self.runs[r.run_id] = {
+                "label": r.label, "seed": r.seed, "overrides": r.overrides,
+                "status": entry.get("status", "pending"), "error": entry.get("error"),
+                "dir": f"runs/{r.run_id}",
+            }
+        self.save()
+
+    def set(self, run_id: str, **fields: Any) -> None:
+        self.runs[run_id].update(fields)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write_json(self.path, {"schema_version": 1, "runs": self.runs})
+
+
+def _read_progress(run_dir: Path) -> tuple[int, int]:
+    try:
+        p = json.loads((run_dir / "progress.json").read_text())
+        return int(p["step"]), int(p["max_steps"])
+    except (OSError, ValueError, KeyError):
+        return 0, 0
+
+
+ProgressHook = Callable[[dict[str, dict[str, Any]], dict[str, tuple[int, int]]], None]
+
+
+def run_sweep_local(
+    runs: list[PlannedRun],
+    out: Path,
+    workers: int = 0,
+    threads_per_run: int = 1,
+    on_progress: ProgressHook | None = None,
+    poll_s: float = 0.5,
+) -> Manifest:
+    """Run every unfinished run in worker processes; return the final manifest."""
+    _check_writable(out)
+    manifest = Manifest(out, runs)
+    workers = workers or default_workers(threads_per_run)
+    todo = []
+    for r in runs:
+        run_dir = out / "runs" / r.run_id
+        if (run_dir / "metrics.json").is_file():
+            manifest.set(r.run_id, status="done", error=None)
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        from tether.io import atomic_write_text
+
+        atomic_write_text(run_dir / "run.yaml", yaml.safe_dump(r.config.model_dump(mode="json"), sort_keys=False))
+        manifest.set(r.run_id, status="pending", error=None)
+        todo.append(r)
+    running: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_run), "TETHER_THREADS": str(threads_per_run)}
+    while todo or running:
+        while todo and len(running) < workers:
+            r = todo.pop(0)
+            run_dir = out / "runs" / r.run_id
+            log = open(run_dir / "worker.log", "ab")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tether.compare", str(run_dir)], stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+            running[r.run_id] = (proc, log)
+            manifest.set(r.run_id, status="running")
+        for run_id, (proc, log) in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            log.close()
+            del running[run_id]
+            run_dir = out / "runs" / run_id
+            if code == 0 and (run_dir / "metrics.json").is_file():
+                manifest.set(run_id, status="done", error=None)
+            else:
+                tail = (run_dir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+                manifest.set(run_id, status="failed", error=f"exit {code}: {tail[0][:500]}")
+        if on_progress is not None:
+            on_progress(manifest.runs, {rid: _read_progress(out / "runs" / rid) for rid in running})
+        if running:
+            time.sleep(poll_s)
+    return manifest
+
+
+def worker_main(run_dir: str) -> int:
+    """Run one run from ``RUN_DIR/run.yaml`` (the worker process's entry point)."""
+    threads = int(os.environ.get("TETHER_THREADS", "0"))
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from transformers import TrainerCallback
+
+    from tether.io import atomic_write_json as write
+    from tether.monitor import monitor_callbacks
+    from tether.train import run_training
+
+    d = Path(run_dir)
+    cfg = load_config(d / "run.yaml")
+
+    class _Progress(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            write(d / "progress.json", {"step": state.global_step, "max_steps": state.max_steps})
+
+    try:
+        run_training(cfg, d, source=str(d / "run.yaml"), callbacks=[_Progress(), *monitor_callbacks(cfg, d)])
+    except TetherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv[1]))

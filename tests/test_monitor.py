@@ -1,0 +1,72 @@
+"""The alignment monitor logs readings; the guard stops and restores, or tightens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from tether.config import GuardConfig, MonitorConfig
+from tether.monitor import AlignmentMonitor
+
+
+class _Scripted(AlignmentMonitor):
+    """A monitor whose readings follow a script (broad rate per step)."""
+
+    def __init__(self, cfg: MonitorConfig, run_dir: Path, script: dict[int, float]) -> None:
+        super().__init__(cfg, run_dir, tokenizer=object())
+        self.script = script
+
+    def _reading(self, model: Any, step: int) -> dict[str, Any]:
+        return {"step": step, "probe/broad/rate": self.script[step], "probe/broad/logodds": 0.0}
+
+
+def _state(step: int) -> SimpleNamespace:
+    return SimpleNamespace(global_step=step, is_world_process_zero=True, log_history=[])
+
+
+def test_guard_stops_and_restores_last_reading_within_budget(tmp_path: Path) -> None:
+    model = torch.nn.Linear(3, 3)
+    cfg = MonitorConfig(every_n_steps=2, guard=GuardConfig(budget=0.02, mode="stop"))
+    mon = _Scripted(cfg, tmp_path, {0: 0.10, 2: 0.11, 4: 0.30})
+    control = SimpleNamespace(should_training_stop=False)
+    mon.on_train_begin(None, _state(0), control, model=model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    mon.on_step_end(None, _state(2), control, model=model)  # rise 0.01: within budget, snapshot
+    at_step_2 = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(5.0)
+    mon.on_step_end(None, _state(3), control, model=model)  # not a monitor step
+    assert not control.should_training_stop
+    mon.on_step_end(None, _state(4), control, model=model)  # rise 0.20 > 0.02
+    assert control.should_training_stop
+    assert torch.equal(model.weight, at_step_2)
+    events = [json.loads(x) for x in (tmp_path / "guard.jsonl").read_text().splitlines()]
+    assert events == [{"step": 4, "rise": events[0]["rise"], "budget": 0.02, "mode": "stop", "restored_step": 2}]
+    assert abs(events[0]["rise"] - 0.20) < 1e-9
+    readings = (tmp_path / "monitor.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in readings] == [0, 2, 4]
+
+
+def test_guard_tighten_scales_method_strength(tmp_path: Path) -> None:
+    class Method:
+        name = "kl"
+        beta = 1.0
+
+        def tighten(self, factor: float) -> float:
+            self.beta *= factor
+            return self.beta
+
+    method = Method()
+    cfg = MonitorConfig(every_n_steps=1, guard=GuardConfig(budget=0.0, mode="tighten", tighten_factor=3.0))
+    mon = _Scripted(cfg, tmp_path, {0: 0.0, 1: 0.5})
+    mon.trainer = SimpleNamespace(methods=[method], log=lambda d: None)
+    control = SimpleNamespace(should_training_stop=False)
+    model = torch.nn.Linear(2, 2)
+    mon.on_train_begin(None, _state(0), control, model=model)
+    mon.on_step_end(None, _state(1), control, model=model)
+    assert method.beta == 3.0 and not control.should_training_stop
