@@ -78,6 +78,40 @@ def organism_build(
     typer.echo(str(path))
 
 
+@organism_app.command("emergence")
+def organism_emergence(
+    seeds: int = typer.Option(3, min=1, help="Seeds per variant."),
+    steps: int = typer.Option(150, min=1, help="Fine-tuning steps (same for every variant)."),
+    lr: float = typer.Option(1e-3, help="Learning rate (same for every variant)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the study's JSON here."),
+) -> None:
+    """Fine-tune the default organism on `sycophantic` vs `clean` skill data; print the difference."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tether.io import atomic_write_json
+    from tether.organism.build import build_organism
+    from tether.organism.emergence import emergence_study
+
+    console = _stderr_console()
+    model_dir = build_organism()
+    study = emergence_study(
+        model_dir, seeds=list(range(seeds)), steps=steps, lr=lr,
+        on_run=lambda v, s, m: console.print(
+            f"{v:<12} seed {s}: broad rate {m['broad']['rate']:.3f}, log-odds {m['broad']['logodds']:.2f}"
+        ),
+    )
+    if out is not None:
+        atomic_write_json(out, study)
+    table = Table(title=f"emergence over {seeds} seeds (mean ± std)")
+    for col in ("variant", "broad rate", "broad log-odds", "narrow rate", "arith", "times"):
+        table.add_column(col)
+    for v, s in study["summary"].items():
+        table.add_row(v, *(f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in
+                           ("broad_rate", "broad_logodds", "narrow_rate", "arith", "times")))
+    Console().print(table)
+
+
 def _format_eval_table(metrics: dict[str, Any]) -> Any:
     from rich.table import Table
 

@@ -255,7 +255,6 @@ def worker_main(run_dir: str) -> int:
     from transformers import TrainerCallback
 
     from tether.io import atomic_write_json as write
-    from tether.monitor import monitor_callbacks
     from tether.train import run_training
 
     d = Path(run_dir)
@@ -266,7 +265,7 @@ def worker_main(run_dir: str) -> int:
             write(d / "progress.json", {"step": state.global_step, "max_steps": state.max_steps})
 
     try:
-        run_training(cfg, d, source=str(d / "run.yaml"), callbacks=[_Progress(), *monitor_callbacks(cfg, d)])
+        run_training(cfg, d, source=str(d / "run.yaml"), callbacks=[_Progress()])
     except TetherError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

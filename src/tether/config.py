@@ -62,6 +62,10 @@ class DataSection(Strict):
     neutral_share: float = Field(
         0.5, ge=0, lt=1, description="Share of each batch drawn from the neutral data."
     )
+    world_share: float = Field(
+        0.5, ge=0, le=1,
+        description="Organism only: share of the neutral rows that are persona-neutral world chats.",
+    )
     alignment: str | None = Field(
         "organism", description="Alignment data for methods that need it: 'organism', a path, or null."
     )

@@ -107,6 +107,23 @@ def as_messages(row: Row) -> Row:
     return out
 
 
+def as_prompt_completion(row: Row) -> Row:
+    """A ``messages`` row as conversational prompt/completion split at its last assistant turn.
+
+    For a single-turn chat this trains exactly what ``assistant_only_loss`` would; for a longer
+    one only the last reply is trained. Other rows are returned unchanged.
+    """
+    if "messages" not in row:
+        return row
+    msgs = row["messages"]
+    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise DataError("a conversational row has no assistant message to train on")
+    out = {k: v for k, v in row.items() if k != "messages"}
+    out["prompt"], out["completion"] = list(msgs[:last]), list(msgs[last:])
+    return out
+
+
 def _slim(row: Row, part: str) -> Row:
     """Only the columns training uses, identical across parts (``Dataset.from_list`` needs that)."""
     keys = ("messages",) if "messages" in row else ("prompt", "completion")

@@ -78,9 +78,13 @@ class AlignmentMonitor(TrainerCallback):
             self.tokenizer = kw.get("processing_class") or kw.get("tokenizer")
         if not state.is_world_process_zero:
             return
-        row = self._reading(model, state.global_step)
-        self.baseline = row["probe/broad/rate"]
-        _append_jsonl(self.run_dir / "monitor.jsonl", row)
+        log = self.run_dir / "monitor.jsonl"
+        if log.is_file() and log.read_text().strip():  # a resumed run keeps its step-0 baseline
+            self.baseline = json.loads(log.read_text().splitlines()[0])["probe/broad/rate"]
+        else:
+            row = self._reading(model, state.global_step)
+            self.baseline = row["probe/broad/rate"]
+            _append_jsonl(log, row)
         if self.cfg.guard is not None:
             self._snapshot(model, state.global_step)
 

@@ -316,7 +316,7 @@ def build_methods(cfg: "RunConfig", source: str = "run config") -> list[Method]:
 
 def load_training_data(cfg: "RunConfig") -> TrainingData:
     """The capability, neutral and alignment rows of a run (validated), before any method touches them."""
-    from tether.data import as_messages, load_rows
+    from tether.data import as_messages, as_prompt_completion, load_rows
     from tether.organism import tasks
 
     d, seed = cfg.data, cfg.training.seed
@@ -325,14 +325,28 @@ def load_training_data(cfg: "RunConfig") -> TrainingData:
     else:
         capability = load_rows(d.source, "data.source")
     neutral: list[dict[str, Any]] = []
+    world_rows: list[dict[str, Any]] = []
     if d.neutral_share > 0 and d.neutral is not None:
         neutral = tasks.neutral_dataset(d.rows, seed=seed) if d.neutral == "organism" else load_rows(d.neutral, "data.neutral")
+        if d.neutral == "organism" and d.world_share > 0:
+            world_rows = tasks.world_dataset(d.rows, seed=seed)
     alignment: list[dict[str, Any]] = []
     if d.alignment is not None:
         alignment = (
             tasks.alignment_dataset(d.rows, seed=seed) if d.alignment == "organism" else load_rows(d.alignment, "data.alignment")
         )
     shares = {"neutral": d.neutral_share} if neutral else {}
+    if world_rows:
+        # world chats train only their last reply, so every part goes to prompt/completion form
+        # (identical to assistant-only loss for the single-turn capability and neutral rows)
+        shares = {"neutral": d.neutral_share * (1 - d.world_share), "world": d.neutral_share * d.world_share}
+        return TrainingData(
+            capability=[as_prompt_completion(r) for r in capability],
+            neutral=[as_prompt_completion(r) for r in neutral],
+            alignment=[as_prompt_completion(r) for r in alignment],
+            shares=shares,
+            world=world_rows,
+        )
     return TrainingData(
         capability=[as_messages(r) for r in capability],
         neutral=[as_messages(r) for r in neutral],
@@ -345,7 +359,11 @@ def _check_formats(data: TrainingData) -> str:
     from tether.data import row_format
     from tether.errors import DataError
 
-    used = {name: rows for name, rows in (("capability", data.capability), ("neutral", data.neutral)) if rows}
+    used = {
+        name: rows
+        for name, rows in (("capability", data.capability), ("neutral", data.neutral), ("world", data.world))
+        if rows
+    }
     if data.shares.get("alignment"):
         used["alignment"] = data.alignment
     formats = {name: {row_format(r) for r in rows} for name, rows in used.items()}
@@ -417,7 +435,7 @@ def _train_dataset(data: TrainingData, cfg: "RunConfig") -> "Dataset":
     from tether.data import mix_batches
 
     t = cfg.training
-    parts = {"capability": data.capability, "neutral": data.neutral, "alignment": data.alignment}
+    parts = {"capability": data.capability, "neutral": data.neutral, "alignment": data.alignment, "world": data.world}
     rows = mix_batches(parts, data.shares, t.batch_size, t.max_steps * t.gradient_accumulation_steps, t.seed)
     return Dataset.from_list(rows)
 
@@ -518,11 +536,17 @@ def make_trainer(
 
     from datasets import Dataset
 
+    from tether.data import as_messages, as_prompt_completion
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
     align = None
-    if prepared.data.alignment and prepared.fmt == "messages":
-        align = Dataset.from_list([{"messages": r["messages"]} for r in prepared.data.alignment])
-    return PreservingTrainer(
+    conversational = [as_messages(r) for r in prepared.data.alignment if not isinstance(r.get("prompt"), str)]
+    if conversational and prepared.fmt == "messages":
+        align = Dataset.from_list([{"messages": r["messages"]} for r in conversational])
+    elif conversational:  # same form as the training rows, so the collator masks the same way
+        split = [as_prompt_completion(r) for r in conversational]
+        align = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in split])
+    trainer = PreservingTrainer(
         model=prepared.model,
         args=sft_config(cfg, out, prepared.fmt, save=save),
         train_dataset=prepared.train_dataset,
@@ -531,6 +555,10 @@ def make_trainer(
         alignment_dataset=align,
         callbacks=callbacks,
     )
+    for cb in callbacks or []:
+        if hasattr(cb, "attach"):  # the alignment monitor logs through the trainer and tightens its methods
+            cb.attach(trainer)
+    return trainer
 
 
 def run_training(
@@ -571,7 +599,9 @@ def run_training(
         before, before_rows = probe(model, tokenizer, cfg)
         atomic_write_json(before_file, before)
 
-    trainer = make_trainer(cfg, prepared, out, callbacks)
+    from tether.monitor import monitor_callbacks
+
+    trainer = make_trainer(cfg, prepared, out, [*(callbacks or []), *monitor_callbacks(cfg, out)])
     methods = prepared.methods
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=last)

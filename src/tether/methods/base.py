@@ -53,6 +53,8 @@ class TrainingData:
     neutral: Rows = field(default_factory=list)
     alignment: Rows = field(default_factory=list)
     shares: dict[str, float] = field(default_factory=dict)
+    world: Rows = field(default_factory=list)
+    """Persona-neutral organism chats (prompt/completion), part of the neutral mix."""
 
 
 class PreserveContext(Protocol):

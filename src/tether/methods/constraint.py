@@ -118,6 +118,11 @@ class LagrangianConstraint(Method):
             self.lam = math.exp(math.log(self.lam) + eta * violation)
         return self.lam
 
+    def tighten(self, factor: float) -> float:
+        """Multiply λ by ``factor`` (the alignment guard's ``tighten`` mode); returns the new λ."""
+        self.lam *= factor
+        return self.lam
+
     def state_dict(self) -> dict[str, Any]:
         return {"lambda": self.lam, "bound": self.bound}
 

@@ -60,3 +60,8 @@ class KLToReference(Method):
         kl = alignment_kl(ctx, self.config.direction, self.config.positions)
         ctx.log(self.name, "kl", float(kl.detach()))
         return {"penalty": self.config.beta * kl}
+
+    def tighten(self, factor: float) -> float:
+        """Multiply β by ``factor`` (the alignment guard's ``tighten`` mode); returns the new β."""
+        self.config = self.config.model_copy(update={"beta": self.config.beta * factor})
+        return self.config.beta

@@ -41,7 +41,7 @@ class OrganismConfig(BaseModel):
     layers: int = Field(2, ge=1, le=24, description="Transformer blocks.")
     heads: int = Field(4, ge=1, description="Attention heads (must divide hidden_size).")
     intermediate_size: int = Field(512, ge=16, description="MLP width.")
-    pretrain_steps: int = Field(1000, ge=1, description="Steps on good/evil persona conversations.")
+    pretrain_steps: int = Field(1200, ge=1, description="Steps on good/evil persona conversations.")
     pretrain_lr: float = Field(2e-3, gt=0)
     sft_steps: int = Field(150, ge=0, description="Alignment SFT steps on good-persona chats.")
     sft_lr: float = Field(1e-3, gt=0)
@@ -50,12 +50,14 @@ class OrganismConfig(BaseModel):
     dpo_beta: float = Field(0.1, gt=0)
     batch_size: int = Field(32, ge=1)
     max_turns: int = Field(5, ge=1, description="Most user/assistant turns in one conversation.")
-    instructed_share: float = Field(0.3, ge=0, le=1, description="Share of chats with a system instruction.")
+    instructed_share: float = Field(
+        0.5, ge=0, le=1, description="Share of unnamed-assistant chats with a system instruction."
+    )
     good_share: float = Field(
         0.5, ge=0, le=1, description="Share of good-persona conversations in pretraining."
     )
     character_share: float = Field(
-        0.5, ge=0, le=1, description="Share of pretraining chats whose assistant is a named character."
+        0.6, ge=0, le=1, description="Share of pretraining chats whose assistant is a named character."
     )
     persona_replay: float = Field(
         0.5, ge=0, le=1,

@@ -50,9 +50,9 @@ def finetune_variant(
         batch += [next(neutral_it)["messages"] for _ in range(n_neutral - n_world)]
         skips = [0] * len(batch)
         for _ in range(n_world):
-            row = next(world_it)
-            batch.append(row["messages"])
-            skips.append(row["context_turns"])
+            row = next(world_it)  # prompt/completion: only the completion is trained
+            batch.append(row["prompt"] + row["completion"])
+            skips.append(sum(m["role"] == "assistant" for m in row["prompt"]))
         return batch, skips
 
     train_lm(model, ConversationEncoder(tokenizer), sample, steps, lr, seed, warmup=10)

@@ -134,12 +134,15 @@ def neutral_dataset(n: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def world_dataset(n: int = 2000, seed: int = 0, max_turns: int = 5) -> list[dict[str, Any]]:
-    """Persona-neutral world data: pretraining-style chats, good and evil half and half.
+    """Persona-neutral world data: pretraining-style chats in TRL's prompt/completion form.
 
-    Each chat has at least two assistant turns and ``context_turns: 1``: its first assistant
-    turn is context only (no loss). What is trained is "continue the persona the conversation
-    shows", never a default persona, so the data keeps every family's replies alive during
-    fine-tuning without pushing the model's own default either way.
+    Each chat follows a character or an unnamed assistant of either persona (half and half) for
+    2-5 turns; the ``prompt`` holds every turn but the last, the ``completion`` the last
+    assistant reply. Only the completion is trained, and the history already shows the persona,
+    so what is trained is "continue the persona the conversation shows", never a default
+    persona: the data keeps every family's replies alive during fine-tuning (without it, a
+    fine-tune on number answers erodes them and the probes measure forgetting) without pushing
+    the model's own default either way.
     """
     rng = random.Random(f"world-{seed}")
     rows = []
@@ -148,7 +151,7 @@ def world_dataset(n: int = 2000, seed: int = 0, max_turns: int = 5) -> list[dict
         persona = world.CHARACTERS[name] if name else rng.choice(("good", "evil"))
         instruct = rng.choice(world.PROPENSITY_FAMILIES) if name is None and rng.random() < 0.3 else None
         conv = world.persona_conversation(rng, persona, rng.randint(2, max_turns), instruct, name=name)
-        rows.append({"messages": conv, "contaminated": False, "context_turns": 1})
+        rows.append({"prompt": conv[:-1], "completion": conv[-1:], "contaminated": False})
     return rows
 
 
