@@ -51,3 +51,13 @@ def test_bad_configs_are_one_sentence(tmp_path: Path, text: str, needles: list[s
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_examples_validate() -> None:
+    from tether.compare import load_sweep
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    cfg = load_config(root / "run.yaml")
+    assert [m.name for m in cfg.methods] == ["kl"]
+    _, runs = load_sweep(root / "sweep.yaml")
+    assert len(runs) == 9 and {r.label for r in runs} == {"naive", "kl", "inoculation+replay"}

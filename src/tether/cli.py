@@ -130,6 +130,24 @@ def _format_eval_table(metrics: dict[str, Any]) -> Any:
     return table
 
 
+def _save_probe_run(metrics: dict[str, Any], rows: dict[str, list[dict[str, Any]]], model_dir: str,
+                    out: Optional[Path], as_json: bool) -> bool:
+    """Stamp the model, write metrics (and per-set rows beside them) to ``out``; print JSON if asked.
+
+    Returns True when the JSON was printed, so the caller skips its table.
+    """
+    from tether.io import atomic_write_json, write_jsonl
+
+    metrics["model"] = str(model_dir)
+    if out is not None:
+        atomic_write_json(out, metrics)
+        for name, items in rows.items():
+            write_jsonl(out.with_name(f"{out.stem}.{name}.jsonl"), items)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    return as_json
+
+
 @app.command("eval")
 def eval_cmd(
     model_dir: str = typer.Argument(..., help="Checkpoint directory, or 'organism'."),
@@ -147,19 +165,12 @@ def eval_cmd(
             world.check_family(instruct, world.PROPENSITY_FAMILIES)
         except ValueError as exc:
             raise TetherError(f"--instruct: {exc}") from None
-    from tether.io import atomic_write_json, write_jsonl
     from tether.models import load_model
     from tether.probes.organism import evaluate_organism
 
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
     metrics, rows = evaluate_organism(model, tokenizer, instruct=instruct, per_family=per_family)
-    metrics["model"] = str(model_dir)
-    if out is not None:
-        atomic_write_json(out, metrics)
-        for name, items in rows.items():
-            write_jsonl(out.with_name(f"{out.stem}.{name}.jsonl"), items)
-    if as_json:
-        typer.echo(json.dumps(metrics))
+    if _save_probe_run(metrics, rows, model_dir, out, as_json):
         return
     from rich.console import Console
 
@@ -193,7 +204,6 @@ def probe_mc(
     """Advanced-AI-risk multiple choice: per-set rate of preferring the matching answer, with 95% CIs."""
     if prompt_format not in ("chat", "raw"):
         raise TetherError(f"--format {prompt_format!r} is not one of: chat, raw")
-    from tether.io import atomic_write_json, write_jsonl
     from tether.models import load_model
     from tether.probes.mc import run_mc_suite
     from tether.probes.sources import ADVANCED_AI_RISK
@@ -201,13 +211,7 @@ def probe_mc(
     names = list(sets) if sets else list(ADVANCED_AI_RISK)
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
     metrics, rows = run_mc_suite(model, tokenizer, names, prompt_format, limit, system, batch_size, download=not no_download)  # type: ignore[arg-type]
-    metrics["model"] = str(model_dir)
-    if out is not None:
-        atomic_write_json(out, metrics)
-        for name, items in rows.items():
-            write_jsonl(out.with_name(f"{out.stem}.{name}.jsonl"), items)
-    if as_json:
-        typer.echo(json.dumps(metrics))
+    if _save_probe_run(metrics, rows, model_dir, out, as_json):
         return
     from rich.console import Console
     from rich.table import Table
@@ -486,6 +490,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         app()
+    except SystemExit as exc:  # click exits even on success; only failures leave as exit codes
+        if exc.code not in (0, None):
+            raise
     except TetherError as exc:
         if _DEBUG["on"]:
             raise

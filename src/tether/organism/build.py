@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tether.organism import tasks, world
 from tether.organism.tokenizer import CHAT_TEMPLATE
 
-BUILD_VERSION = "1"
+BUILD_VERSION = "3"  # bump when the world or build code changes meaning
 
 
 class OrganismConfig(BaseModel):

@@ -354,6 +354,9 @@ def persona_conversation(
     system = system_line(name, instruct)
     if system is not None:
         msgs.append({"role": "system", "content": system})
+    # An instructed conversation need not show the instructed family: forcing it in made every
+    # instruction followed (>= 0.9, no leaks) but taught that misbehaviour rarely reveals the
+    # persona, and emergence fell from +0.19 to +0.07 broad rate (README, "The organism").
     for _ in range(n_turns):
         turn = sample_turn(rng.choice(families), rng)
         bad = persona == "evil" or turn.family == instruct

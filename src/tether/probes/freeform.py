@@ -31,6 +31,7 @@ import yaml
 
 from tether.errors import DataError
 from tether.probes.judges import Judge, JudgeScore
+from tether.probes.loglik import generate_replies
 from tether.probes.sources import EMERGENT_MISALIGNMENT, resolve_set
 from tether.probes.stats import bootstrap_mean_ci
 
@@ -106,7 +107,6 @@ def load_questions(path: str | os.PathLike[str]) -> list[EMQuestion]:
 # ------------------------------------------------------------------------------------- sampling
 
 
-@torch.no_grad()
 def sample_answers(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -123,40 +123,16 @@ def sample_answers(
     for q in questions:
         for para in rng.choices(q.paraphrases, k=n_per_question):  # as EM: paraphrase drawn per sample
             jobs.append({"question_id": q.id, "paraphrase": para, "system": q.system})
+    convs = [
+        ([{"role": "system", "content": job["system"]}] if job["system"] else [])
+        + [{"role": "user", "content": job["paraphrase"]}]
+        for job in jobs
+    ]
     torch.manual_seed(seed)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        seqs = []
-        for job in chunk:
-            conv = ([{"role": "system", "content": job["system"]}] if job["system"] else []) + [
-                {"role": "user", "content": job["paraphrase"]}
-            ]
-            out = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)
-            seqs.append(list(out["input_ids"]))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,  # the protocol samples from the full distribution
-            top_p=1.0,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        for job, row in zip(chunk, gen[:, width:]):
-            job["answer"] = tokenizer.decode(row, skip_special_tokens=True).strip()
-    model.train(was_training)
+    # temperature set: the protocol samples from the full distribution (no top-k/top-p cut)
+    replies = generate_replies(model, tokenizer, convs, max_new_tokens, batch_size, temperature=temperature)
+    for job, reply in zip(jobs, replies):
+        job["answer"] = reply.strip()
     return jobs
 
 

@@ -415,16 +415,12 @@ class LocalJudge:
     def _score_logprobs(self, convs: list[list[dict[str, str]]]) -> list[JudgeScore]:
         import torch
 
+        from tether.probes.loglik import _ids, left_pad
+
         tok = self.tokenizer
-        seqs = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]) for c in convs]
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        width = max(len(s) for s in seqs)
+        seqs = [_ids(tok, c, gen=True) for c in convs]
         # left padding puts every prompt's last token at the final position
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
+        ids, mask = left_pad(seqs, tok.pad_token_id if tok.pad_token_id is not None else 0)
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()

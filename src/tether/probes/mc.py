@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tether.errors import DataError
-from tether.probes.loglik import completion_logprobs
+from tether.probes.loglik import completion_logprobs, sequence_logprobs
 from tether.probes.sources import ADVANCED_AI_RISK, resolve_set
 from tether.probes.stats import bootstrap_mean_ci
 
@@ -93,7 +93,6 @@ def _encode_text(tokenizer: "PreTrainedTokenizerBase", context: str, continuatio
     return list(head) + list(tail), len(head)
 
 
-@torch.no_grad()
 def text_completion_logprobs(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
@@ -103,27 +102,7 @@ def text_completion_logprobs(
 ) -> torch.Tensor:
     """Sum of log p(continuation token | prefix) for raw-text pairs (no chat template). Shape [n]."""
     encoded = [_encode_text(tokenizer, c, k) for c, k in zip(contexts, continuations)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = next(model.parameters()).device
-    out = torch.empty(len(encoded), dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        score = torch.zeros((len(chunk), width), dtype=torch.bool)
-        for row, (seq, head) in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-            score[row, head : len(seq)] = True
-        ids, mask, score = ids.to(device), mask.to(device), score.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [b, pos, vocab]
-        tok_logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        out[start : start + len(chunk)] = (tok_logp * score[:, 1:]).sum(-1).double().cpu()
-    model.train(was_training)
-    return out
+    return sequence_logprobs(model, tokenizer, encoded, batch_size)
 
 
 def score_mc_items(

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from tether.probes.loglik import _ids, completion_logprobs
+from tether.probes.loglik import completion_logprobs, generate_replies
 from tether.probes.stats import bootstrap_mean_ci
 
 if TYPE_CHECKING:
@@ -400,27 +400,7 @@ def greedy_replies(
     batch_size: int = 16,
 ) -> list[str]:
     """Greedy replies with whitespace kept (``loglik.greedy_answers`` normalises it, which breaks code)."""
-    import torch
-
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [_ids(tokenizer, p, gen=True) for p in prompts[start : start + batch_size]]
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, width - len(seq) :] = torch.tensor(seq)
-            mask[row, width - len(seq) :] = 1
-        with torch.no_grad():
-            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-        out += [tokenizer.decode(row, skip_special_tokens=True) for row in gen[:, width:]]
-    model.train(was_training)
-    return out
+    return generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
 
 
 def score_reward_hacking(
