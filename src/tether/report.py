@@ -124,35 +124,61 @@ def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]
     return sorted(front)
 
 
+def _colors(names: list[str]) -> dict[str, Any]:
+    """One colour per method, the same in every figure; ``naive`` is always crimson."""
+    import matplotlib.pyplot as plt
+
+    tab = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3]  # tab10's red is naive's
+    others = [n for n in names if n != "naive"]
+    out: dict[str, Any] = {n: tab[i % len(tab)] for i, n in enumerate(others)}
+    out["naive"] = "crimson"
+    return out
+
+
 def plot_pareto(summary: dict[str, Any], path: Path) -> None:
+    """Two panels, one point per method (mean ± std over seeds), the frontier dashed.
+
+    Left: broad alignment kept as 1 − broad misaligned rate (the headline). Right: the same as a
+    margin, −broad log-odds in nats, which separates methods the rate ties at 1.0.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=110)
-    pts = []
-    for m in summary["methods"]:
-        x, y = m["capability_gain"]["mean"], 1 - m["broad_rate"]["mean"]
-        pts.append((x, y))
-        is_naive = m["name"] == "naive"
-        ax.errorbar(
-            x, y, xerr=m["capability_gain"]["std"], yerr=m["broad_rate"]["std"],
-            fmt="s" if is_naive else "o", ms=9 if is_naive else 7, capsize=3,
-            color="crimson" if is_naive else None, label=m["name"],
-        )
     al = summary["aligned"]
-    ax.scatter([0], [1 - al["broad_rate"]], marker="*", s=220, color="gold", edgecolor="black",
-               zorder=5, label="aligned model (before)")
-    front = _pareto_front(pts)
-    if len(front) > 1:
-        ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto frontier")
-    ax.set_xlabel(f"capability gain ({al['skill']} accuracy after − before)")
-    ax.set_ylabel("broad alignment kept (1 − broad misaligned rate)")
-    ax.set_title("Capability gained vs broad alignment kept (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
+    colors = _colors([m["name"] for m in summary["methods"]])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=110)
+    panels = (
+        ("broad_rate", lambda v: 1 - v, 1 - al["broad_rate"], "broad alignment kept (1 − broad misaligned rate)"),
+        ("broad_logodds", lambda v: -v, -al["broad_logodds"], "broad margin kept (−broad log-odds, nats)"),
+    )
+    for ax, (key, to_y, aligned_y, ylabel) in zip(axes, panels):
+        pts = []
+        for i, m in enumerate(summary["methods"]):
+            x, y = m["capability_gain"]["mean"], to_y(m[key]["mean"])
+            pts.append((x, y))
+            naive = m["name"] == "naive"
+            ax.errorbar(
+                x, y, xerr=m["capability_gain"]["std"], yerr=m[key]["std"], fmt="s" if naive else "o",
+                ms=9 if naive else 7, capsize=3, color=colors[m["name"]],
+                label=m["name"],
+            )
+            if key == "broad_logodds":  # the rate panel ties many methods at 1.0: labels would collide
+                ax.annotate(m["name"], (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7)
+        ax.scatter([0], [aligned_y], marker="*", s=220, color="gold", edgecolor="black", zorder=5,
+                   label="aligned model (before)")
+        front = _pareto_front(pts)
+        if len(front) > 1:
+            ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto frontier")
+        ax.set_xlabel(f"capability gain ({al['skill']} accuracy after − before)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Capability gained vs broad alignment kept")
+    axes[1].set_title("… as a log-odds margin (more sensitive)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="center right")
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path)
     plt.close(fig)
 
@@ -166,7 +192,8 @@ def plot_families(summary: dict[str, Any], path: Path) -> None:
 
     methods = summary["methods"]
     fams = [f for f in FAMILIES if f in summary["aligned"]["families"]]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 7.5), dpi=110, sharex=True)
+    colors = _colors([m["name"] for m in methods])
+    fig, axes = plt.subplots(2, 1, figsize=(12, 7.5), dpi=110, sharex=True)
     width = 0.8 / (len(methods) + 1)
     xs = np.arange(len(fams))
     for key, ax in zip(("rate", "logodds"), axes):
@@ -175,13 +202,14 @@ def plot_families(summary: dict[str, Any], path: Path) -> None:
         for i, m in enumerate(methods, start=1):
             vals = [m["families"][f][key]["mean"] for f in fams]
             errs = [m["families"][f][key]["std"] for f in fams]
-            ax.bar(xs - 0.4 + width / 2 + i * width, vals, width, yerr=errs, capsize=2, label=m["name"])
+            ax.bar(xs - 0.4 + width / 2 + i * width, vals, width, yerr=errs, capsize=2, label=m["name"],
+                   color=colors[m["name"]])
         ax.set_ylabel("misaligned rate" if key == "rate" else "log-odds (nats)")
         ax.axhline(0, color="black", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_title("Per-family propensity before and after fine-tuning (mean ± std over seeds)")
     axes[1].set_xticks(xs, [f + (" (narrow)" if f == "syco" else "") for f in fams])
-    axes[0].legend(fontsize=8, ncol=min(4, len(methods) + 1), loc="upper left")
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -202,12 +230,13 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> bool:
         guard_steps.setdefault(r["label"], []).extend(e["step"] for e in r["guard"])
     if not any(len(v) > 1 for v in by_label.values()):
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110)
+    colors = _colors(sorted(by_label))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     for label, steps in sorted(by_label.items()):
         xs = sorted(steps)
         for ax, group in zip(axes, ("broad", "narrow")):
             ys = [statistics.fmean(r[f"probe/{group}/logodds"] for r in steps[s]) for s in xs]
-            (line,) = ax.plot(xs, ys, marker=".", label=label)
+            (line,) = ax.plot(xs, ys, marker=".", label=label, color=colors.get(label))
             for gs in guard_steps.get(label, []):
                 ax.axvline(gs, color=line.get_color(), ls=":", lw=1)
     for ax, group in zip(axes, ("broad", "narrow")):
