@@ -20,6 +20,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ def _cfg(model: str, method: str, steps: int, lora: bool) -> Any:
     return validate(data, RunConfig, "bench")
 
 
-def run(model: str, method: str, steps: int, lora: bool = False, tmp: Path = Path("/tmp/tether-bench")) -> dict[str, float]:
+def run(model: str, method: str, steps: int, lora: bool = False, tmp: Path = Path(tempfile.gettempdir()) / "tether-bench") -> dict[str, float]:
     """Train one configuration; return tokens/s and wall time of ``train()`` alone."""
     import torch
     from trl import SFTTrainer
