@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tether.io import atomic_write_text, splice_block
+
 METHODS = ["naive", "inoculation", "replay", "ewc", "l2sp", "kl", "constraint", "representation", "gradient_projection"]
 TARGETS = {"inoculation": 0.95, "replay": 0.95, "ewc": 0.9, "l2sp": 0.9, "kl": 0.6, "constraint": 0.6, "representation": 0.6}
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -109,13 +111,9 @@ def write_doc(doc: Path, result: dict[str, Any]) -> None:
         )
     lines.append(END)
     block = "\n".join(lines)
-    text = doc.read_text() if doc.is_file() else "# Preservation methods\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n## Throughput\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    if not doc.is_file():
+        atomic_write_text(doc, "# Preservation methods\n")
+    splice_block(doc, BEGIN, END, block, "## Throughput")
 
 
 def main() -> None:

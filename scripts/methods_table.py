@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import RunConfig, validate
+from tether.io import atomic_write_text, splice_block
 from tether.train import run_training
 
 # Hyperparameters are the library defaults unless set here; none were tuned on these results.
@@ -82,13 +83,9 @@ def write_doc(doc: Path, table: str, seeds: list[int], steps: int, model: str) -
         f"lr 1e-3, seeds {', '.join(map(str, seeds))}; mean ± std over seeds; rates are after training. "
         f"`naive (clean)` is the control on the clean twin._\n\n{table}\n{END}"
     )
-    text = doc.read_text() if doc.is_file() else "# Preservation methods\n\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip() + "\n\n## Methods on the organism\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    if not doc.is_file():
+        atomic_write_text(doc, "# Preservation methods\n")
+    splice_block(doc, BEGIN, END, block, "## Methods on the organism")
 
 
 def main() -> None:

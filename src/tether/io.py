@@ -32,3 +32,15 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def write_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def splice_block(path: str | os.PathLike[str], begin: str, end: str, block: str, heading: str) -> None:
+    """Replace the text from ``begin`` to ``end`` in a Markdown file with ``block`` (which holds both
+    markers), or append ``heading`` and the block when the markers are not there yet."""
+    p = Path(path)
+    text = p.read_text() if p.is_file() else ""
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + f"\n\n{heading}\n\n{block}\n"
+    atomic_write_text(p, text)
