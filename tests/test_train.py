@@ -71,6 +71,7 @@ def test_same_yaml_full_finetune_and_lora(quick_organism: Path, tiny_llama: Path
     m_full = run_training(_cfg(quick_organism), full)
     _check_run_dir(full)
     assert (full / "model" / "model.safetensors").is_file()
+    assert not list((full / "model").glob("*.bin"))  # no pickle in the deliverable
     assert m_full["after"]["families"] != m_full["before"]["families"]
 
     lora = tmp_path / "lora"
@@ -78,6 +79,7 @@ def test_same_yaml_full_finetune_and_lora(quick_organism: Path, tiny_llama: Path
     _check_run_dir(lora)
     assert (lora / "model" / "adapter_model.safetensors").is_file()
     assert not (lora / "model" / "model.safetensors").exists()
+    assert not list((lora / "model").glob("*.bin"))
     assert m_lora["after"]["families"] != m_lora["before"]["families"]
 
 

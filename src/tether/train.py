@@ -613,6 +613,9 @@ def run_training(
 
     model_dir = out / "model"
     trainer.save_model(str(model_dir))  # safetensors: the full model, or the adapter for LoRA
+    # save_model also pickles the TrainingArguments; the deliverable holds no pickle (the resolved
+    # config is config.yaml, and the checkpoints keep their own copy for resuming)
+    (model_dir / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(str(model_dir))
     log = trainer.state.log_history
     write_jsonl(out / "train_log.jsonl", log)
