@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tether.io import atomic_write_text, splice_block
+from tether.io import splice_block
 
 METHODS = ["naive", "inoculation", "replay", "ewc", "l2sp", "kl", "constraint", "representation", "gradient_projection"]
 TARGETS = {"inoculation": 0.95, "replay": 0.95, "ewc": 0.9, "l2sp": 0.9, "kl": 0.6, "constraint": 0.6, "representation": 0.6}
@@ -111,9 +111,7 @@ def write_doc(doc: Path, result: dict[str, Any]) -> None:
         )
     lines.append(END)
     block = "\n".join(lines)
-    if not doc.is_file():
-        atomic_write_text(doc, "# Preservation methods\n")
-    splice_block(doc, BEGIN, END, block, "## Throughput")
+    splice_block(doc, BEGIN, END, block, "## Throughput", preamble="# Preservation methods\n")
 
 
 def main() -> None:

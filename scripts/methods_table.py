@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.config import RunConfig, validate
-from tether.io import atomic_write_text, splice_block
+from tether.io import splice_block
 from tether.train import run_training
 
 # Hyperparameters are the library defaults unless set here; none were tuned on these results.
@@ -83,9 +83,7 @@ def write_doc(doc: Path, table: str, seeds: list[int], steps: int, model: str) -
         f"lr 1e-3, seeds {', '.join(map(str, seeds))}; mean ± std over seeds; rates are after training. "
         f"`naive (clean)` is the control on the clean twin._\n\n{table}\n{END}"
     )
-    if not doc.is_file():
-        atomic_write_text(doc, "# Preservation methods\n")
-    splice_block(doc, BEGIN, END, block, "## Methods on the organism")
+    splice_block(doc, BEGIN, END, block, "## Methods on the organism", preamble="# Preservation methods\n")
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 
 from tether.config import RunConfig, Strict, load_config, validate
 from tether.errors import ConfigError, TetherError
-from tether.io import atomic_write_json
+from tether.io import atomic_write_json, atomic_write_text
 
 
 class SweepConfig(Strict):
@@ -100,12 +100,16 @@ def method_label(methods: list[dict[str, Any]]) -> str:
     return "+".join(m["name"] for m in methods) or "none"
 
 
-def plan_runs(sweep: SweepConfig, source: str = "sweep") -> list[PlannedRun]:
-    """Expand the grid x seeds into validated run configs (all checked before anything runs)."""
+def plan_runs(sweep: SweepConfig, source: str = "sweep", base_dir: Path | None = None) -> list[PlannedRun]:
+    """Expand the grid x seeds into validated run configs (all checked before anything runs).
+
+    A relative ``base`` path is read from ``base_dir`` (the sweep file's folder), else the
+    current directory.
+    """
     if isinstance(sweep.base, str):
         base_path = Path(sweep.base)
-        if not base_path.is_absolute() and source not in ("sweep",):
-            base_path = Path(source).parent / base_path
+        if not base_path.is_absolute() and base_dir is not None:
+            base_path = base_dir / base_path
         base = load_config(base_path).model_dump(mode="json")
     else:
         base = validate(sweep.base, RunConfig, f"{source}: base").model_dump(mode="json")
@@ -138,7 +142,7 @@ def load_sweep(path: str | os.PathLike[str]) -> tuple[SweepConfig, list[PlannedR
     sweep = load_config(path, SweepConfig)
     if "grid" in (yaml.safe_load(Path(path).read_text()) or {}) and not sweep.grid:
         raise ConfigError(f"{path}: the grid is empty; give at least one key with a list of values")
-    return sweep, plan_runs(sweep, str(path))
+    return sweep, plan_runs(sweep, str(path), base_dir=Path(path).parent)
 
 
 def default_workers(threads_per_run: int = 1) -> int:
@@ -209,8 +213,6 @@ def run_sweep_local(
             manifest.set(r.run_id, status="done", error=None)
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
-        from tether.io import atomic_write_text
-
         atomic_write_text(run_dir / "run.yaml", yaml.safe_dump(r.config.model_dump(mode="json"), sort_keys=False))
         manifest.set(r.run_id, status="pending", error=None)
         todo.append(r)

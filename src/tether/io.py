@@ -34,11 +34,14 @@ def write_jsonl(path: str | os.PathLike[str], rows: list[dict[str, Any]]) -> Non
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def splice_block(path: str | os.PathLike[str], begin: str, end: str, block: str, heading: str) -> None:
+def splice_block(
+    path: str | os.PathLike[str], begin: str, end: str, block: str, heading: str, preamble: str = ""
+) -> None:
     """Replace the text from ``begin`` to ``end`` in a Markdown file with ``block`` (which holds both
-    markers), or append ``heading`` and the block when the markers are not there yet."""
+    markers), or append ``heading`` and the block when the markers are not there yet; a missing
+    file starts as ``preamble``."""
     p = Path(path)
-    text = p.read_text() if p.is_file() else ""
+    text = p.read_text() if p.is_file() else preamble
     if begin in text and end in text:
         text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
