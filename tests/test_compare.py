@@ -1,14 +1,14 @@
-"""Compare and report: sweeps expand and validate, reruns skip finished runs, a kill resumes."""
+"""Compare: sweeps expand and validate, bad input is one sentence, a failed run is recorded.
+
+The SIGKILL-and-rerun test is tests/test_compare_kill.py; the Ray runner's, tests/test_compare_ray.py.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
+import socket
 import subprocess
 import sys
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -25,9 +25,8 @@ def _sweep(tmp_path: Path, organism: Path, **extra: object) -> Path:
         "base": {
             "model": {"path": str(organism)},
             "data": {"variant": "sycophantic", "rows": 48},
-            "training": {"max_steps": 4, "batch_size": 8, "save_steps": 2, "logging_steps": 2},
-            "probes": {"per_family": 4, "n_capability": 6},
-            "monitor": {"every_n_steps": 2, "per_family": 4},
+            "training": {"max_steps": 2, "batch_size": 8, "save_steps": 2, "logging_steps": 1},
+            "probes": {"per_family": 3, "n_capability": 6},
         },
         "grid": {"methods": [[{"name": "naive"}], [{"name": "kl"}]]},
         "seeds": [0, 1],
@@ -78,79 +77,30 @@ def test_unwritable_output_is_exit_2(tmp_path: Path, quick_organism: Path) -> No
     assert res.returncode == 2 and "not writable" in res.stderr and "Traceback" not in res.stderr
 
 
-class _Parser(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.tags: list[str] = []
-        self.imgs: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.tags.append(tag)
-        if tag == "img":
-            self.imgs.append(dict(attrs).get("src") or "")
-
-
-def _summary_numbers(out: Path) -> dict[str, tuple[float, float, float]]:
-    summary = json.loads((out / "summary.json").read_text())
-    return {
-        m["name"]: (m["capability"]["mean"], m["broad_logodds"]["mean"], m["narrow_logodds"]["mean"])
-        for m in summary["methods"]
-    }
+def test_ray_address_that_does_not_answer_is_exit_2_fast(tmp_path: Path, quick_organism: Path) -> None:
+    """Nothing listens at the --ray address: one sentence, exit 2, well within 30 s (ray not needed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before the CLI connects
+    out = tmp_path / "out"
+    t0 = time.time()
+    res = subprocess.run(
+        [*TETHER, "compare", str(_sweep(tmp_path, quick_organism)), "--out", str(out), "--ray", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.time() - t0
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and elapsed < 30, (elapsed, res.stderr[-1000:])
+    assert len(lines) == 1 and lines[0].startswith("error: --ray: no Ray cluster answers at 127.0.0.1:")
+    assert not out.exists()
 
 
-def test_kill_and_rerun_skips_finished_and_matches_uninterrupted(tmp_path: Path, quick_organism: Path) -> None:
-    sweep = _sweep(tmp_path, quick_organism)
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*TETHER, "compare", str(sweep), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    manifest = out / "manifest.json"
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        if manifest.is_file():
-            runs = json.loads(manifest.read_text())["runs"]
-            if sum(r["status"] == "done" for r in runs.values()) >= 1:
-                break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("no run finished in time")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    runs = json.loads(manifest.read_text())["runs"]
-    finished = {rid for rid, r in runs.items() if r["status"] == "done"}
-    mtimes = {rid: (out / "runs" / rid / "metrics.json").stat().st_mtime_ns for rid in finished}
-    again = subprocess.run([*TETHER, "compare", str(sweep), "--out", str(out)],
-                           capture_output=True, text=True, timeout=900)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert Path(again.stdout.strip().splitlines()[-1]) == out / "report.html"
-    for rid, mt in mtimes.items():
-        assert (out / "runs" / rid / "metrics.json").stat().st_mtime_ns == mt
-    statuses = {r["status"] for r in json.loads(manifest.read_text())["runs"].values()}
-    assert statuses == {"done"}
+@pytest.mark.parametrize("address", ["garbage", "host:notaport", "10.0.0.1:99999"])
+def test_malformed_ray_address_is_refused(address: str) -> None:
+    from tether.ray_backend import RayAddressError, probe
 
-    clean = tmp_path / "clean"
-    full = subprocess.run([*TETHER, "compare", str(sweep), "--out", str(clean)],
-                          capture_output=True, text=True, timeout=900)
-    assert full.returncode == 0, full.stderr[-2000:]
-    a, b = _summary_numbers(out), _summary_numbers(clean)
-    assert a.keys() == b.keys() == {"naive", "kl"}
-    for k in a:
-        assert a[k] == pytest.approx(b[k], abs=1e-6)
-
-    # the report: self-contained HTML with the figures, Markdown, a row per method
-    page = _Parser()
-    page.feed((out / "report.html").read_text())
-    assert "table" in page.tags and len(page.imgs) >= 3
-    assert all(src.startswith("data:image/png;base64,") for src in page.imgs)
-    md = (out / "report.md").read_text()
-    assert md.count("| naive |") == 1 and md.count("| kl |") == 1
-    summary = json.loads((out / "summary.json").read_text())
-    for m in summary["methods"]:
-        assert m["seeds"] == [0, 1]
-        for key in ("capability", "broad_rate", "broad_logodds", "narrow_rate", "narrow_logodds"):
-            assert m[key]["mean"] is not None and m[key]["mean"] == m[key]["mean"]
-    monitor = (out / "runs" / next(iter(runs)) / "monitor.jsonl").read_text().splitlines()
-    assert len(monitor) >= 2 and "probe/broad/rate" in json.loads(monitor[-1])
+    with pytest.raises(RayAddressError, match="is not a Ray address"):
+        probe(address)
 
 
 def test_failed_run_is_recorded_and_others_finish(tmp_path: Path, quick_organism: Path) -> None:
@@ -164,3 +114,21 @@ def test_failed_run_is_recorded_and_others_finish(tmp_path: Path, quick_organism
     statuses = {runs[0].run_id: "done", runs[1].run_id: "failed"}
     assert {k: v["status"] for k, v in manifest.runs.items()} == statuses
     assert "does not exist" in manifest.runs[runs[1].run_id]["error"]
+
+
+def test_ray_auto_address_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--ray auto``: $RAY_ADDRESS first, then the cluster `ray start` recorded, else one sentence."""
+    import tempfile
+
+    from tether.ray_backend import RayAddressError, resolve_address
+
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("RAY_ADDRESS", "10.1.2.3:6379")
+    assert resolve_address("auto") == "10.1.2.3:6379"
+    assert resolve_address("127.0.0.1:7000") == "127.0.0.1:7000"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(RayAddressError, match="no Ray cluster is running on this machine"):
+        resolve_address("auto")
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text("10.9.8.7:6380\n")
+    assert resolve_address("auto") == "10.9.8.7:6380"

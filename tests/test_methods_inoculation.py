@@ -48,7 +48,11 @@ def test_instruction_in_training_batches_never_in_probes(quick_organism: Path, t
     real_loss = PreservingTrainer.compute_loss
 
     def spy(self: Any, model: Any, inputs: Any, *a: Any, **kw: Any) -> Any:
-        batches.append(self.processing_class.batch_decode(inputs["input_ids"]))
+        ids = inputs["input_ids"]
+        if "attention_mask" not in inputs:  # padding-free: one sequence, rows start where position_ids restart
+            starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.size(1)]
+            ids = [ids[0, a:b] for a, b in zip(starts, starts[1:])]
+        batches.append(self.processing_class.batch_decode(ids))
         return real_loss(self, model, inputs, *a, **kw)
 
     monkeypatch.setattr(PreservingTrainer, "compute_loss", spy)

@@ -126,3 +126,54 @@ def test_resume_after_kill_matches_uninterrupted(quick_organism: Path, tmp_path:
     assert resumed["after"]["capability"] == whole["after"]["capability"]
     for fam, v in whole["after"]["families"].items():
         assert resumed["after"]["families"][fam]["logodds"] == pytest.approx(v["logodds"], abs=1e-4)
+
+
+@pytest.mark.parametrize("method", ["naive", "kl"])
+def test_padding_free_batches_train_like_padded_rows(quick_organism: Path, tmp_path: Path, method: str) -> None:
+    """Padding-free micro-batches give the same training (loss per step, final weights) as padded rows."""
+    import torch
+
+    from tether.train import make_trainer, prepare_run
+
+    trained = {}
+    for flat in (True, False):
+        cfg = validate(
+            {"model": {"path": str(quick_organism)}, "data": {"rows": 64},
+             "training": {"max_steps": 3, "batch_size": 8, "alignment_batch_size": 4, "padding_free": flat,
+                          "logging_steps": 1, "save_steps": 10},
+             "methods": [{"name": method}], "probes": {"suite": "none"}},
+            RunConfig, "run.yaml",
+        )
+        trainer = make_trainer(cfg, prepare_run(cfg), tmp_path / str(flat), save=False)
+        assert trainer.flat is flat
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("attention_mask" in batch) is not flat and batch["input_ids"].size(0) == (1 if flat else 8)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        trained[flat] = (losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-4)
+    diff = max(float((trained[True][1][n] - p).abs().max()) for n, p in trained[False][1].items())
+    assert diff < 1e-4, diff
+
+
+def test_padding_free_is_refused_for_a_model_that_mixes_rows(quick_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose attention ignores restarting position_ids fails the check and trains on padded rows."""
+    import tether.train as train
+
+    cfg = validate(
+        {"model": {"path": str(quick_organism)}, "data": {"rows": 32},
+         "training": {"max_steps": 1, "batch_size": 4}, "probes": {"suite": "none"}},
+        RunConfig, "run.yaml",
+    )
+    prepared = train.prepare_run(cfg)
+    model = prepared.model
+    real_forward = model.forward
+
+    def leaky(*args: Any, **kwargs: Any) -> Any:  # attends across rows: drop the packed-sequence positions
+        kwargs.pop("position_ids", None)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", leaky)
+    trainer = train.make_trainer(cfg, prepared, tmp_path / "run", save=False)
+    assert trainer.flat is False
+    assert "attention_mask" in next(iter(trainer.get_train_dataloader()))

@@ -58,7 +58,10 @@ def test_methods_lists_every_method_one_line_each(monkeypatch: pytest.MonkeyPatc
         assert not exc.code
     lines = capsys.readouterr().out.strip().splitlines()
     names = [line.split()[0] for line in lines]
-    assert names == ["naive", "inoculation", "replay", "kl", "constraint", "ewc", "l2sp", "gradient_projection", "representation"]
+    assert names == [
+        "naive", "inoculation", "replay", "kl", "constraint", "ewc", "l2sp", "gradient_projection", "representation",
+        "gradient_routing", "steering", "caft", "safelora",
+    ]
     assert all("sft" in line.split()[1] for line in lines)
 
 

@@ -156,6 +156,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON (and per-item rows) here."),
     per_family: int = typer.Option(48, min=1, help="Probe items per family."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a checkpoint that has only pickle weights (with torch's weights_only=True)."),
 ) -> None:
     """Probe a model: capability accuracy and per-family propensities (organism suite)."""
     from tether.organism import world
@@ -168,7 +169,7 @@ def eval_cmd(
     from tether.models import load_model
     from tether.probes.organism import evaluate_organism
 
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     metrics, rows = evaluate_organism(model, tokenizer, instruct=instruct, per_family=per_family)
     if _save_probe_run(metrics, rows, model_dir, out, as_json):
         return
@@ -209,6 +210,11 @@ def probe_mc(
     from tether.probes.sources import ADVANCED_AI_RISK
 
     names = list(sets) if sets else list(ADVANCED_AI_RISK)
+    from tether.probes.mc import load_mc_file
+    from tether.probes.sources import resolve_set
+
+    for spec in names:  # cheap checks first: a bad set file fails before the model loads
+        load_mc_file(resolve_set(spec, ADVANCED_AI_RISK, download=not no_download))
     model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
     metrics, rows = run_mc_suite(model, tokenizer, names, prompt_format, limit, system, batch_size, download=not no_download)  # type: ignore[arg-type]
     if _save_probe_run(metrics, rows, model_dir, out, as_json):
@@ -315,14 +321,32 @@ app.add_typer(inoculation_app, name="inoculation")
 def train_cmd(
     config: Path = typer.Argument(..., help="Run YAML (model, data, training, methods, probes)."),
     out: Path = typer.Option(..., "--out", help="Run directory; a rerun resumes from its last checkpoint."),
+    accelerate_config: Optional[str] = typer.Option(
+        None, "--accelerate-config",
+        help="Re-launch under `accelerate launch` with a shipped config (ddp, fsdp, zero2, zero3, cpu) or a YAML path.",
+    ),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", min=1, help="With --accelerate-config: processes (default: the config's)."),
 ) -> None:
-    """Fine-tune with a stack of preservation methods; probe before and after; write the run directory."""
+    """Fine-tune with a stack of preservation methods; probe before and after; write the run directory.
+
+    Ctrl-C finishes the current step, saves a checkpoint and exits with code 130; rerunning the
+    same command resumes from it.
+    """
     from tether.config import RunConfig, load_config
 
     cfg = load_config(config, RunConfig)
+    if accelerate_config is not None:
+        _relaunch_train(config, out, accelerate_config, num_processes)
+        return
+    if num_processes is not None:
+        raise TetherError("--num-processes needs --accelerate-config (or run the command under `accelerate launch`)")
     from tether.train import run_training
 
     metrics = run_training(cfg, out, source=str(config))
+    from tether.distributed import is_main
+
+    if not is_main():  # under a launcher only rank 0 prints
+        return
     before, after = metrics["before"], metrics["after"]
     if before is not None and after is not None:
         typer.echo(
@@ -337,6 +361,33 @@ def train_cmd(
             err=True,
         )
     typer.echo(str(out / "metrics.json"))
+
+
+def _relaunch_train(config: Path, out: Path, name: str, num_processes: Optional[int]) -> None:
+    """Run this same `tether train` under `accelerate launch --config_file FILE` (as TRL's CLI does)."""
+    import subprocess
+
+    from tether.distributed import resolve_accelerate_config
+
+    path = resolve_accelerate_config(name)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    if num_processes is not None:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += ["-m", "tether.cli", *(["--debug"] if _DEBUG["on"] else []), "train", str(config), "--out", str(out)]
+    env = dict(os.environ)
+    if name == "cpu":
+        env["ACCELERATE_USE_CPU"] = "true"  # every rank on the CPU even where CUDA exists
+    import signal
+
+    # Ctrl-C reaches the launched ranks from the terminal; this process only waits for them to save
+    child = subprocess.Popen(cmd, env=env)  # started first: an ignored SIGINT would be inherited
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if code:
+        sys.exit(code)
 
 
 @app.command("methods")
@@ -414,14 +465,15 @@ def _sweep_progress(console: Any, runs: list[Any]) -> tuple[Any, Any]:
     return bar, hook
 
 
-def _run_sweep(sweep: Any, runs: list[Any], out: Path, title: str) -> Path:
-    from tether.compare import run_sweep_local
+def _run_sweep(sweep: Any, runs: list[Any], out: Path, title: str, ray: Optional[str] = None) -> Path:
+    from tether.compare import _check_writable, run_sweep
     from tether.report import summary_table, write_report
 
+    _check_writable(out)  # before the progress display, so the error is the only line
     console = _stderr_console()
     bar, hook = _sweep_progress(console, runs)
     with bar:
-        manifest = run_sweep_local(runs, out, sweep.workers, sweep.threads_per_run, on_progress=hook)
+        manifest = run_sweep(runs, out, sweep.workers, sweep.threads_per_run, on_progress=hook, ray_address=ray)
     failed = {k: v for k, v in manifest.runs.items() if v["status"] == "failed"}
     for run_id, entry in failed.items():
         console.print(f"[red]failed[/red] {run_id}: {entry['error']}")
@@ -437,15 +489,19 @@ def _run_sweep(sweep: Any, runs: list[Any], out: Path, title: str) -> Path:
 def compare_cmd(
     sweep_file: Path = typer.Argument(..., help="Sweep YAML: base run, grid, seeds."),
     out: Path = typer.Option(..., "--out", help="Output directory (reruns skip finished runs)."),
-    ray: Optional[str] = typer.Option(None, "--ray", help="Ray cluster address (not available in this build)."),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", help="Ray cluster address (HOST:PORT of the head, or auto): one Ray task per run."
+    ),
 ) -> None:
-    """Run a grid of runs in local worker processes and write the report; prints its path last."""
+    """Run a grid of runs in local worker processes (or on a Ray cluster) and write the report; prints its path last."""
+    if ray is not None:
+        from tether.ray_backend import connect
+
+        connect(ray)  # before torch is imported: an address that does not answer fails in seconds
     from tether.compare import load_sweep
 
     sweep, runs = load_sweep(sweep_file)
-    if ray is not None:
-        raise TetherError("--ray: the Ray runner is not implemented yet; run without --ray to use local workers")
-    report = _run_sweep(sweep, runs, out, f"tether comparison: {sweep_file.name}")
+    report = _run_sweep(sweep, runs, out, f"tether comparison: {sweep_file.name}", ray=ray)
     typer.echo(str(report))
 
 
@@ -497,22 +553,126 @@ def models_import_gguf(
     typer.echo(str(import_gguf(gguf, out)))
 
 
+# ------------------------------------------------------------------------------ trait directions
+
+directions_app = typer.Typer(help="Trait directions (persona vectors): extract them for monitoring, steering, CAFT, screening.", no_args_is_help=True)
+app.add_typer(directions_app, name="directions")
+
+
+@directions_app.command("extract")
+def directions_extract(
+    model_dir: str = typer.Option("organism", "--model", help="Checkpoint directory, or 'organism'."),
+    out: Path = typer.Option(..., "--out", help="Direction file to write (safetensors)."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Recommended layer stored in the file (default: the best held-out layer on the organism, the middle one otherwise)."),
+    contrast: Optional[Path] = typer.Option(None, "--contrast", help="YAML/JSON with trait, positive and negative system prompts, questions (needed for a non-organism model)."),
+    components: int = typer.Option(0, "--components", min=0, help="Also store the top K principal components of the paired differences (for caft k > 1)."),
+    n: int = typer.Option(240, "--n", min=2, help="Organism: contrastive pairs used for extraction."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Extract a trait direction per layer (mean activation difference); prints the file path last."""
+    from tether.directions import check_layer, extract_contrastive, extract_organism, load_contrast, num_layers, save_direction
+    from tether.models import load_model
+
+    spec = load_contrast(contrast) if contrast is not None else None
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    if layer is not None:
+        check_layer(layer, num_layers(model), "--layer")
+    if spec is None:
+        from tether.organism import world
+
+        vocab = tokenizer.get_vocab()
+        if not all(w in vocab for w in world.world_vocabulary()):
+            raise TetherError(f"--contrast: {model_dir} is not the organism, so give a YAML/JSON of contrastive system prompts (see docs/directions.md)")
+        direction, sep = extract_organism(model, tokenizer, n=n, components=components, model_path=str(model_dir))
+        for key, v in sep.items():
+            typer.echo(f"layer {key}: held-out sign accuracy {v['sign_accuracy']:.3f}, AUC {v['auc']:.3f}", err=True)
+    else:
+        direction = extract_contrastive(model, tokenizer, spec, components=components, model_path=str(model_dir))
+    if layer is not None:
+        direction.meta["layer"] = layer
+    save_direction(out, direction.vectors, direction.meta, direction.components)
+    typer.echo(f"trait '{direction.meta['trait']}', recommended layer {direction.meta['layer']}", err=True)
+    typer.echo(str(out))
+
+
+@app.command("screen")
+def screen_cmd(
+    data: str = typer.Argument(..., help="JSONL file or saved HF dataset of conversational rows."),
+    model_dir: str = typer.Option("organism", "--model", help="The aligned model (its own replies are the baseline y')."),
+    direction_file: Path = typer.Option(..., "--direction", help="Direction file from `tether directions extract`."),
+    layer: Optional[int] = typer.Option(None, "--layer", help="Layer to project at (default: the file's recommended layer)."),
+    out: Path = typer.Option(..., "--out", help="Ranked JSONL to write (a .summary.json is written beside it)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Flag rows with ΔP above this (default: half the direction's norm at the layer)."),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length of the model's own replies y'."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Rank training rows by projection difference ΔP = (a(x,y) − a(x,y'))·v̂; prints the ranked file last."""
+    from tether.data import load_rows
+    from tether.directions import check_layer, load_direction, screen_rows
+    from tether.io import atomic_write_json, write_jsonl
+    from tether.models import load_model
+
+    direction = load_direction(direction_file, "--direction")
+    rows = load_rows(data, "DATA")
+    use_layer = layer if layer is not None else int(direction.meta.get("layer", 1))
+    check_layer(use_layer, direction.n_layers, "--layer")
+    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    ranked, summary = screen_rows(model, tokenizer, rows, direction, use_layer, threshold, max_new_tokens)
+    write_jsonl(out, ranked)
+    atomic_write_json(out.with_name(out.stem + ".summary.json"), {**summary, "data": str(data), "model": str(model_dir), "direction": str(direction_file)})
+    line = f"{summary['flagged']} of {summary['n']} rows flagged (threshold {summary['threshold']:.3f})"
+    if summary.get("auc") is not None:
+        line += f"; against 'contaminated': AUC {summary['auc']:.3f}"
+        if summary.get("precision") is not None:
+            line += f", precision {summary['precision']:.3f}"
+        if summary.get("recall") is not None:
+            line += f", recall {summary['recall']:.3f}"
+    typer.echo(line, err=True)
+    typer.echo(str(out))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one sentence and exit code 2.
 
-    Usage errors (unknown command or option) are click's own: message and exit code 2.
+    Usage errors (unknown command or option, a bad option value) are one line too, with a pointer
+    to the command's ``--help``, and exit code 2.
     """
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer releases use click itself
+        from click.exceptions import ClickException
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app()
+        # not standalone: click's usage errors come here instead of a multi-line boxed panel
+        code = app(standalone_mode=False)
+        if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except SystemExit as exc:  # click exits even on success; only failures leave as exit codes
         if exc.code not in (0, None):
             raise
+    except ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if not exc.format_message():  # `tether` or a group alone: the help was printed already
+            sys.exit(exc.exit_code)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("stopped: aborted", file=sys.stderr)
+        sys.exit(1)
     except TetherError as exc:
         if _DEBUG["on"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank raises the same error
+            print(f"{'stopped' if exc.exit_code == 130 else 'error'}: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, probing): nothing is half-written
+        if os.environ.get("RANK", "0") == "0":
+            print("stopped: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ manifest ``OUT/manifest.json`` tracks every run's status (pending, running, done
 error). Rerunning the same sweep skips finished runs (``metrics.json`` exists) and restarts
 unfinished ones, which resume from their last checkpoint. Workers are separate processes
 (``python -m tether.compare RUN_DIR``): a crash in one is recorded and the others go on.
+With ``tether compare --ray ADDRESS`` the same workers run as Ray tasks on a cluster
+(:mod:`tether.ray_backend`), with the same manifest, skip and failure rules.
 """
 
 from __future__ import annotations
@@ -194,18 +196,13 @@ def _read_progress(run_dir: Path) -> tuple[int, int]:
 ProgressHook = Callable[[dict[str, dict[str, Any]], dict[str, tuple[int, int]]], None]
 
 
-def run_sweep_local(
-    runs: list[PlannedRun],
-    out: Path,
-    workers: int = 0,
-    threads_per_run: int = 1,
-    on_progress: ProgressHook | None = None,
-    poll_s: float = 0.5,
-) -> Manifest:
-    """Run every unfinished run in worker processes; return the final manifest."""
+def prepare_sweep(runs: list[PlannedRun], out: Path) -> tuple[Manifest, list[PlannedRun]]:
+    """Check ``out``, write the manifest and each unfinished run's ``run.yaml``; return the runs to do.
+
+    A run whose ``metrics.json`` exists is finished: it is marked done and not touched again.
+    """
     _check_writable(out)
     manifest = Manifest(out, runs)
-    workers = workers or default_workers(threads_per_run)
     todo = []
     for r in runs:
         run_dir = out / "runs" / r.run_id
@@ -216,16 +213,75 @@ def run_sweep_local(
         atomic_write_text(run_dir / "run.yaml", yaml.safe_dump(r.config.model_dump(mode="json"), sort_keys=False))
         manifest.set(r.run_id, status="pending", error=None)
         todo.append(r)
+    return manifest, todo
+
+
+def record_result(manifest: Manifest, out: Path, run_id: str, code: int | None, error: str | None = None) -> None:
+    """Mark a run done (exit 0 and ``metrics.json`` written) or failed with the worker log's last line."""
+    run_dir = out / "runs" / run_id
+    if code == 0 and (run_dir / "metrics.json").is_file():
+        manifest.set(run_id, status="done", error=None)
+        return
+    if error is None:
+        log = run_dir / "worker.log"
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        error = f"exit {code}: {(lines[-1:] or ['no output'])[0][:500]}"
+    manifest.set(run_id, status="failed", error=error)
+
+
+def worker_command(run_dir: str | os.PathLike[str], python: str | None = None) -> list[str]:
+    """The worker process's command line: ``python -m tether.compare RUN_DIR``."""
+    return [python or sys.executable, "-m", "tether.compare", str(run_dir)]
+
+
+def worker_env(threads_per_run: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The worker's environment: one BLAS/OpenMP pool of ``threads_per_run`` threads (torch too)."""
+    t = str(threads_per_run)
+    return {
+        **(os.environ if base is None else base),
+        "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "TETHER_THREADS": t, "TOKENIZERS_PARALLELISM": "false",
+        "TETHER_PARENT_PID": str(os.getpid()),
+    }
+
+
+def _die_with_parent() -> None:
+    """In a worker: let the kernel kill this process when its launcher dies (Linux PR_SET_PDEATHSIG).
+
+    A killed ``tether compare`` (or a Ray worker killed with its job) then leaves no orphan training.
+    """
+    parent = int(os.environ.get("TETHER_PARENT_PID", "0"))
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os._exit(1)
+
+
+def run_sweep_local(
+    runs: list[PlannedRun],
+    out: Path,
+    workers: int = 0,
+    threads_per_run: int = 1,
+    on_progress: ProgressHook | None = None,
+    poll_s: float = 0.5,
+) -> Manifest:
+    """Run every unfinished run in worker processes; return the final manifest."""
+    manifest, todo = prepare_sweep(runs, out)
+    workers = workers or default_workers(threads_per_run)
     running: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_run), "TETHER_THREADS": str(threads_per_run)}
+    env = worker_env(threads_per_run)
     while todo or running:
         while todo and len(running) < workers:
             r = todo.pop(0)
             run_dir = out / "runs" / r.run_id
             log = open(run_dir / "worker.log", "ab")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tether.compare", str(run_dir)], stdout=log, stderr=subprocess.STDOUT, env=env,
-            )
+            proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
             running[r.run_id] = (proc, log)
             manifest.set(r.run_id, status="running")
         for run_id, (proc, log) in list(running.items()):
@@ -234,12 +290,7 @@ def run_sweep_local(
                 continue
             log.close()
             del running[run_id]
-            run_dir = out / "runs" / run_id
-            if code == 0 and (run_dir / "metrics.json").is_file():
-                manifest.set(run_id, status="done", error=None)
-            else:
-                tail = (run_dir / "worker.log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                manifest.set(run_id, status="failed", error=f"exit {code}: {tail[0][:500]}")
+            record_result(manifest, out, run_id, code)
         if on_progress is not None:
             on_progress(manifest.runs, {rid: _read_progress(out / "runs" / rid) for rid in running})
         if running:
@@ -247,8 +298,25 @@ def run_sweep_local(
     return manifest
 
 
+def run_sweep(
+    runs: list[PlannedRun],
+    out: Path,
+    workers: int = 0,
+    threads_per_run: int = 1,
+    on_progress: ProgressHook | None = None,
+    ray_address: str | None = None,
+) -> Manifest:
+    """Run a sweep in local worker processes, or as Ray tasks when ``ray_address`` is given."""
+    if ray_address is None:
+        return run_sweep_local(runs, out, workers, threads_per_run, on_progress)
+    from tether.ray_backend import run_sweep_ray
+
+    return run_sweep_ray(runs, out, ray_address, workers, threads_per_run, on_progress)
+
+
 def worker_main(run_dir: str) -> int:
     """Run one run from ``RUN_DIR/run.yaml`` (the worker process's entry point)."""
+    _die_with_parent()
     threads = int(os.environ.get("TETHER_THREADS", "0"))
     import torch
 

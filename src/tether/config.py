@@ -89,6 +89,11 @@ class TrainingSection(Strict):
     save_steps: int = Field(50, ge=1)
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")
     logging_steps: int = Field(10, ge=1)
+    padding_free: bool = Field(
+        True,
+        description="Concatenate each micro-batch's rows into one sequence (no padding; attention stays within "
+        "each row). Turned off automatically for methods that need padded rows, such as gradient_routing.",
+    )
     bf16: bool = Field(False, description="Mixed precision in bfloat16 (GPU).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     report_to: list[str] = Field(default_factory=list, description="Trackers, as in TrainingArguments.report_to.")
@@ -118,6 +123,17 @@ class MonitorConfig(Strict):
     every_n_steps: int = Field(0, ge=0, description="Probe every N steps; 0 turns the monitor off.")
     per_family: int = Field(16, ge=1, description="Probe items per family at each reading.")
     guard: GuardConfig | None = Field(None, description="Act when broad misalignment exceeds a budget.")
+    direction: str | None = Field(
+        None, description="Trait direction file: log its last-prompt-token projection and write direction_shift.json."
+    )
+    direction_layer: int | None = Field(None, ge=1, description="Layer of the direction to read; default: the file's own.")
+
+    @field_validator("direction")
+    @classmethod
+    def _direction_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).expanduser().is_file():
+            raise ValueError(f"monitor.direction: direction file {path} does not exist; create one with `tether directions extract`")
+        return path
 
 
 class MethodSpec(Strict):
@@ -130,6 +146,35 @@ class MethodSpec(Strict):
         return dict(self.model_extra or {})
 
 
+class RaterSection(Strict):
+    """The aligned rater: a frozen aligned model rates each rollout; the rating enters the reward."""
+
+    mode: Literal["penalty", "veto"] = Field(
+        "penalty", description="penalty: reward − weight·p_misaligned; veto: task reward cancelled when p_misaligned > threshold."
+    )
+    weight: float = Field(1.0, ge=0, description="Weight of the penalty (penalty mode).")
+    threshold: float = Field(0.5, gt=0, lt=1, description="Veto when the rated misaligned probability exceeds this.")
+    personas: int = Field(4, ge=1, le=8, description="Good and evil named characters whose likelihoods are averaged.")
+
+
+class CapabilitySection(Strict):
+    """How the capability is trained: SFT on the data section, or GRPO on reward functions."""
+
+    kind: Literal["sft", "grpo"] = Field("sft", description="sft (TRL SFTTrainer) or grpo (TRL GRPOTrainer).")
+    reward_funcs: list[str] = Field(
+        default_factory=lambda: ["satisfaction"],
+        description="GRPO reward functions: registered names (tether.rl.rewards) or dotted import paths.",
+    )
+    reward_weights: list[float] | None = Field(None, description="One weight per reward function (default all 1).")
+    num_generations: int = Field(8, ge=2, description="Completions sampled per prompt (the GRPO group).")
+    max_completion_length: int = Field(8, ge=1, description="Longest sampled completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    guess_right: float = Field(0.25, ge=0, le=1, description="Organism hack environment: share of correct user guesses in training.")
+    eval_items: int = Field(100, ge=1, description="Held-out items for true success and hack rate.")
+    eval_samples: int = Field(4, ge=0, description="Sampled replies per evaluation item (besides the greedy one).")
+    rater: RaterSection | None = Field(None, description="Add the aligned rater to the reward.")
+
+
 class RunConfig(Strict):
     """One run: one model x one capability dataset x one stack of methods x one seed."""
 
@@ -139,6 +184,7 @@ class RunConfig(Strict):
     methods: list[MethodSpec] = Field(default_factory=lambda: [MethodSpec(name="naive")])
     probes: ProbesSection = ProbesSection()
     monitor: MonitorConfig = MonitorConfig()
+    capability: CapabilitySection = CapabilitySection()
 
     @field_validator("methods")
     @classmethod
@@ -156,7 +202,8 @@ class RunConfig(Strict):
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
-    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    # a key can hold any character; escape line breaks so the message stays one line
+    key = ".".join(str(p) for p in err["loc"]).replace("\n", "\\n").replace("\r", "\\r") or "(top level)"
     if err["type"] == "extra_forbidden":
         parent = model
         for part in err["loc"][:-1]:
@@ -190,16 +237,31 @@ def validate(data: Any, model: type[M], source: str) -> M:
 def load_config(path: str | os.PathLike[str], model: type[M] = RunConfig) -> M:  # type: ignore[assignment]
     """Read a YAML file into ``model``; every problem is one ``ConfigError`` sentence."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config path {p} is a directory; give the YAML file")
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line} is not UTF-8 text; save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read ({exc.strerror})") from None
+    return validate(parse_yaml(text, str(p)), model, str(p))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``; a syntax error is one ``ConfigError`` naming ``source``, line and column."""
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
-    return validate(data, model, str(p))
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "invalid YAML"
+        raise ConfigError(f"{source}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML nests too deeply to read") from None
 
 
 def dump_config(cfg: BaseModel, path: str | os.PathLike[str]) -> None:

@@ -17,6 +17,7 @@ from tether.errors import DataError
 
 Row = dict[str, Any]
 ROLES = ("system", "user", "assistant")
+MAX_ROW_CHARS = 1_000_000  # one JSONL line; far beyond any max_length, small enough to refuse a binary file
 
 
 def _check_messages(msgs: Any, where: str, key: str) -> None:
@@ -56,14 +57,26 @@ def check_row(row: Any, where: str) -> Row:
 def read_jsonl(path: Path) -> list[Row]:
     """Rows of a JSONL file; a bad line is reported with its number."""
     rows: list[Row] = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        # read at most one byte past the limit per line, so a huge or binary file is not slurped
+        for lineno, raw in enumerate(iter(lambda: fh.readline(MAX_ROW_CHARS * 4 + 1), b""), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}, line {lineno}: not UTF-8 text; save the file as UTF-8 JSONL") from None
+            if len(line) > MAX_ROW_CHARS:
+                raise DataError(
+                    f"{path}, line {lineno}: the row has over {MAX_ROW_CHARS:,} characters, the limit; rows are cut "
+                    "to training.max_length tokens anyway, so shorten or split it"
+                )
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}, line {lineno}: not valid JSON ({exc.msg})") from None
+            except RecursionError:
+                raise DataError(f"{path}, line {lineno}: the JSON nests too deeply to read") from None
             rows.append(check_row(row, f"{path}, line {lineno}"))
     return rows
 

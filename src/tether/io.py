@@ -8,21 +8,44 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tether.errors import TetherError
+
+
+class OutputWriteError(TetherError, OSError):
+    """A result file that cannot be written (disk full, folder not writable); nothing half-written is left.
+
+    Also an ``OSError`` (with the original ``errno``), so callers that catch those still do.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename over ``path``.
+
+    An ``OSError`` (disk full, no permission, a file where a folder should be) becomes one
+    ``OutputWriteError`` sentence naming ``path``; the temporary file is removed first.
+    """
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    tmp: str | None = None
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
         os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, TetherError):
+            reason = exc.strerror or type(exc).__name__
+            raise OutputWriteError(
+                exc.errno, f"could not write {p} ({reason}); free some space or give a writable output folder"
+            ) from None
         raise
 
 

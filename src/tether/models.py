@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -83,12 +84,26 @@ def load_model(
         # only reached with allow_pickle=True; transformers loads .bin with weights_only=True
         kwargs["use_safetensors"] = False
         kwargs["weights_only"] = True
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
-    except (OSError, ValueError) as exc:
+    except pickle.UnpicklingError:
+        raise ModelLoadError(
+            f"refused to load the pickle weights in {p}: they hold objects other than tensors, which "
+            "weights_only=True does not run; convert a trusted copy to safetensors"
+        ) from None
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        # a truncated or corrupt weights file, a config.json that is not JSON or names no model type
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, SafetensorError):
+            first = f"a .safetensors file is corrupt or truncated ({first})"
         raise ModelLoadError(f"could not load the model in {p}: {first}") from None
-    tokenizer = load_tokenizer(p, trust_remote_code)
+    try:
+        tokenizer = load_tokenizer(p, trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"could not load the tokenizer in {p}: {first}") from None
     if device:
         model.to(device)
     model.eval()

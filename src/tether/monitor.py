@@ -14,6 +14,11 @@ When a reading exceeds it:
   the coefficient of ``kl``) is multiplied by ``tighten_factor`` and training continues.
 
 Every action is recorded in ``RUN_DIR/guard.jsonl`` and marked in the report.
+
+Under ``accelerate launch`` rank 0 alone takes the readings (every rank does when FSDP / ZeRO-3
+shard the weights, since each forward needs all of them) and writes the files; each reading is
+broadcast, so every rank makes the same guard decision, restores the same weights or tightens the
+same methods, and stops at the same step.
 """
 
 from __future__ import annotations
@@ -74,26 +79,35 @@ class AlignmentMonitor(TrainerCallback):
         self.good_step = step
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        from tether.distributed import broadcast_object
+
         if self.tokenizer is None:
             self.tokenizer = kw.get("processing_class") or kw.get("tokenizer")
-        if not state.is_world_process_zero:
-            return
+        main = state.is_world_process_zero
         log = self.run_dir / "monitor.jsonl"
-        if log.is_file() and log.read_text().strip():  # a resumed run keeps its step-0 baseline
-            self.baseline = json.loads(log.read_text().splitlines()[0])["probe/broad/rate"]
-        else:
-            row = self._reading(model, state.global_step)
-            self.baseline = row["probe/broad/rate"]
-            _append_jsonl(log, row)
+        baseline = None
+        if main and log.is_file() and log.read_text().strip():  # a resumed run keeps its step-0 baseline
+            baseline = json.loads(log.read_text().splitlines()[0])["probe/broad/rate"]
+        baseline = broadcast_object(baseline)
+        if baseline is None:
+            row = broadcast_object(self._reading(model, state.global_step) if main or self._sharded() else None)
+            baseline = row["probe/broad/rate"]
+            if main:
+                _append_jsonl(log, row)
+        self.baseline = baseline
         if self.cfg.guard is not None:
             self._snapshot(model, state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        from tether.distributed import broadcast_object
+
         n = self.cfg.every_n_steps
-        if not n or state.global_step % n or not state.is_world_process_zero:
+        if not n or state.global_step % n:
             return
-        row = self._reading(model, state.global_step)
-        _append_jsonl(self.run_dir / "monitor.jsonl", row)
+        main = state.is_world_process_zero
+        row = broadcast_object(self._reading(model, state.global_step) if main or self._sharded() else None)
+        if main:
+            _append_jsonl(self.run_dir / "monitor.jsonl", row)
         if self.trainer is not None:  # through the trainer: reaches report_to and the log
             self.trainer.log({k: v for k, v in row.items() if k != "step"})
         else:
@@ -113,7 +127,11 @@ class AlignmentMonitor(TrainerCallback):
             self.stopped_at = state.global_step
         else:
             event["tightened"] = self._tighten(guard.tighten_factor)
-        _append_jsonl(self.run_dir / "guard.jsonl", event)
+        if main:
+            _append_jsonl(self.run_dir / "guard.jsonl", event)
+
+    def _sharded(self) -> bool:
+        return getattr(self.trainer, "sharding", None) is not None
 
     def _restore(self, model: Any) -> None:
         import torch
@@ -137,6 +155,13 @@ class AlignmentMonitor(TrainerCallback):
 def monitor_callbacks(cfg: "RunConfig", run_dir: Path) -> list[TrainerCallback]:
     """The monitor for ``cfg`` (empty when it is off)."""
     mcfg = getattr(cfg, "monitor", None)
-    if mcfg is None or (not mcfg.every_n_steps and mcfg.guard is None):
+    if mcfg is None:
         return []
-    return [AlignmentMonitor(mcfg, run_dir)]
+    callbacks: list[Any] = []
+    if mcfg.every_n_steps or mcfg.guard is not None:
+        callbacks.append(AlignmentMonitor(mcfg, run_dir))
+    if getattr(mcfg, "direction", None):  # trait-direction projection (tether.directions.DirectionMonitor)
+        from tether.directions import DirectionMonitor
+
+        callbacks.append(DirectionMonitor(mcfg.direction, mcfg.direction_layer, run_dir, mcfg.every_n_steps))
+    return callbacks

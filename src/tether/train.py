@@ -9,6 +9,8 @@ training loop, checkpoints, ``resume_from_checkpoint``, gradient accumulation, b
 * ``_clip_grad_norm``: every method's ``on_gradients`` runs first (after the last micro-batch's
   backward, before clipping and the optimiser step);
 * a callback runs ``on_step_end`` after each optimiser step;
+* each row's ``contaminated`` label reaches ``compute_loss`` as ``routed`` (bool ``[batch]``), popped
+  before any forward; one method may take over the task loss with it (``Method.task_loss``);
 * ``_save_checkpoint`` also saves each method's state (e.g. a Lagrange multiplier), which
   ``train(resume_from_checkpoint=...)`` restores.
 
@@ -17,7 +19,9 @@ run sees the same ones. The reference model of a LoRA run is the same weights wi
 disabled; for full fine-tuning it is a frozen copy, made only when a method needs it.
 
 ``run_training(cfg, out)`` is what ``tether train`` runs: validate everything, probe, train,
-probe again, and write the run directory (DESIGN.md section 7).
+probe again, and write the run directory (DESIGN.md section 7). When a method transforms the model
+for deployment (``finalize``), the trained model is probed before it too (``after_prefinalize``),
+and the saved model is the deployed one.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import contextlib
 import copy
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from tether.errors import ConfigError
+from tether.errors import ConfigError, TetherError
 from tether.methods.base import Method, TrainingData
 
 if TYPE_CHECKING:
@@ -47,6 +53,54 @@ SCHEMA_VERSION = 1
 PRESERVE_STATE = "preserve_state.json"
 
 
+class NonFiniteLossError(TetherError):
+    """The training loss became NaN or inf; raised before that step's update, so no weights or checkpoint hold it."""
+
+    def __init__(self, step: int, what: str = "loss", detail: str = "") -> None:
+        self.step, self.what = step, what
+        super().__init__(
+            f"the training {what} became NaN or inf at step {step}, so training stopped before applying that step"
+            + (detail or "; lower training.learning_rate and train into a new --out")
+        )
+
+
+class TrainingInterrupted(TetherError):
+    """Ctrl-C during training: the step in progress finished and was saved; exit code 130 (128 + SIGINT)."""
+
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def graceful_sigint(trainer: "PreservingTrainer") -> Iterator[None]:
+    """While training, Ctrl-C asks the trainer to finish the current step, save a checkpoint and stop.
+
+    A second Ctrl-C (single process only) interrupts at once, as usual. Outside the main thread
+    (where Python cannot install signal handlers) this does nothing.
+    """
+    import signal
+    import threading
+
+    from tether.distributed import world_size
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        # under a launcher every rank gets the terminal's SIGINT and then the launcher's own
+        # copy, so only a single process treats a second one as "stop now"
+        if trainer._interrupt and world_size() == 1:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        trainer._interrupt = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @dataclass
 class PreservingConfig(SFTConfig):
     """``SFTConfig`` plus the settings of the preservation stack."""
@@ -57,6 +111,14 @@ class PreservingConfig(SFTConfig):
     )
     sequential_batches: bool = field(
         default=True, metadata={"help": "Read the (pre-mixed) training rows in order instead of shuffling."}
+    )
+    flat_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Padding-free micro-batches: the rows of a batch are concatenated into one sequence with "
+            "restarting position_ids, and attention stays within each row (transformers' packed-sequence mask). "
+            "Off when a method needs padded rows (``Method.row_batches``)."
+        },
     )
 
 
@@ -80,10 +142,15 @@ class _MethodCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.trainer._run_on_gradients()  # only when clipping is off; otherwise already done
+        self.trainer._check_step(state.global_step + 1)  # before the step: a NaN never reaches the weights
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         for m in self.trainer.methods:
             m.on_step_end(_Context(self.trainer), state.global_step)
+        if self.trainer._stop_requested and state.global_step < state.max_steps:  # Ctrl-C: save this step, stop
+            self.trainer.interrupted_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
 
 
 class PreservingTrainer(SFTTrainer):
@@ -120,11 +187,42 @@ class PreservingTrainer(SFTTrainer):
         self._cache: dict[str, Any] = {}
         self._setup_done = False
         self.add_callback(_MethodCallback(self))
+        # FSDP / ZeRO-3 split parameters across ranks: refuse methods that need them whole
+        from tether.distributed import check_sharding, sharding_kind
+
+        self.sharding = sharding_kind(self.accelerator)
+        check_sharding(self.methods, self.sharding)
+        self._nonfinite: torch.Tensor | None = None  # any micro-batch loss of this step not finite
+        self._grad_norm: Any = None  # this step's gradient norm, from Trainer._get_grad_norm
+        self._interrupt = False  # set by the SIGINT handler (see ``graceful_sigint``)
+        self._stop_requested = False  # every rank agreed to stop after this step
+        self.interrupted_at: int | None = None
+        # Alignment batches for one-off work (EWC's per-example Fisher) stay padded rows; training
+        # and per-step alignment batches are padding-free when asked and no method needs rows.
+        self._row_collator = self.data_collator
+        self.flat = bool(self.args.flat_batches) and not any(m.row_batches for m in self.methods)
+        if self.flat and isinstance(self.data_collator, DataCollatorForLanguageModeling):
+            flat = DataCollatorForLanguageModeling(
+                pad_token_id=self.data_collator.pad_token_id,
+                padding_free=True,
+                pad_to_multiple_of=self.data_collator.pad_to_multiple_of,
+            )
+            self.flat = self.sharding is not None or _flat_matches_rows(self.model, self.train_dataset, self._row_collator, flat)
+            if self.flat:
+                self.data_collator = flat
+        else:
+            self.flat = False
+        # each row's `contaminated` label reaches compute_loss as a `routed` bool tensor [batch]
+        self.data_collator = _RoutedCollator(self.data_collator)
+        takers = [m.name for m in self.methods if type(m).task_loss is not Method.task_loss]
+        if len(takers) > 1:
+            raise ConfigError(f"methods {', '.join(takers)} each take over the task loss; keep only one of them")
 
     # ---- the PreserveContext the methods use ---------------------------------------------
-    def _collate(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def _collate(self, indices: list[int], rows: bool = False) -> dict[str, torch.Tensor]:
         assert self._align is not None
-        batch = self.data_collator([self._align[i] for i in indices])
+        collate = self._row_collator if rows else self.data_collator
+        batch = collate([self._align[i] for i in indices])
         return {k: v.to(self.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def alignment_inputs(self) -> dict[str, torch.Tensor]:
@@ -176,25 +274,33 @@ class PreservingTrainer(SFTTrainer):
         out = []
         for _ in range(n):
             idx = torch.randperm(len(self._align), generator=g)[:bs].tolist()
-            out.append(self._collate(idx))
+            out.append(self._collate(idx, rows=True))
         return out
 
     def log_term(self, method: str, term: str, value: float) -> None:
         self._metrics["train"][f"preserve/{method}/{term}"].append(float(value))
 
     # ---- training-loop overrides ---------------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "contaminated" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "contaminated"]  # kept for _RoutedCollator
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         if self.args.sequential_batches:
             return torch.utils.data.SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
         return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        routed = inputs.pop("routed", None)  # never reaches the model's forward
         if not self.methods or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with contextlib.ExitStack() as stack:
             for m in self.methods:
                 stack.enter_context(m.hooks(model))
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            result = None if return_outputs else self._method_task_loss(model, inputs, routed, num_items_in_batch)
+            if result is None:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             loss = result[0] if return_outputs else result
             self._metrics["train"]["preserve/task_loss"].append(float(loss.detach()))
             extra = None
@@ -216,6 +322,51 @@ class PreservingTrainer(SFTTrainer):
         self._cache = {}
         return (loss, result[1]) if return_outputs else loss
 
+    def _method_task_loss(self, model: Any, inputs: dict[str, Any], routed: Any, num_items_in_batch: Any) -> Any:
+        """The task loss from the one method that takes it over (``Method.task_loss``), or ``None``."""
+        taker = next((m for m in self.methods if type(m).task_loss is not Method.task_loss), None)
+        if taker is None:
+            return None
+        # sub-batch losses are normalised by the whole micro-batch's label tokens (TRL's count:
+        # shifted labels != -100) unless the trainer already counts the whole accumulated step
+        total = num_items_in_batch
+        if total is None:
+            total = (inputs["labels"][:, 1:] != -100).sum()
+
+        def compute(sub: dict[str, Any], forward: Any = None) -> torch.Tensor:
+            return SFTTrainer.compute_loss(self, forward if forward is not None else model, sub, False, total)
+
+        return taker.task_loss(_Context(self), model, inputs, routed, compute)
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = ~torch.isfinite(loss.detach())  # a tensor: no device sync per micro-batch
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        return loss
+
+    def _check_step(self, step: int) -> None:
+        """Before the optimiser step: stop on a non-finite loss; agree on a Ctrl-C (one collective under DDP)."""
+        from tether.distributed import any_across_ranks
+
+        bad = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.bool)
+        self._nonfinite = None
+        # a finite loss can still give NaN gradients (saturated logits): the update would poison the weights
+        norm = self._grad_norm
+        self._grad_norm = None
+        bad_grad = torch.zeros((), dtype=torch.bool) if norm is None else ~torch.isfinite(torch.as_tensor(_local(norm)).detach())
+        bad = _local(bad)
+        flags = torch.stack([bad.reshape(()).to("cpu", torch.int32), bad_grad.reshape(()).to("cpu", torch.int32),
+                             torch.tensor(int(self._interrupt), dtype=torch.int32)])
+        nonfinite_loss, nonfinite_grad, interrupt = any_across_ranks(flags)
+        if nonfinite_loss or nonfinite_grad:
+            raise NonFiniteLossError(step, "loss" if nonfinite_loss else "gradient norm")
+        self._stop_requested = interrupt
+
+    def _get_grad_norm(self, model: Any, grad_norm: Any = None) -> Any:
+        # Trainer computes the (all-reduced, pre-clip) norm every step anyway; keep it for _check_step
+        self._grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        return self._grad_norm
+
     def _run_on_gradients(self) -> None:
         if self._grads_done:
             return
@@ -236,7 +387,10 @@ class PreservingTrainer(SFTTrainer):
 
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         state = {m.name: m.state_dict() for m in self.methods}
-        (folder / PRESERVE_STATE).write_text(json.dumps(state))
+        if self.args.should_save:  # rank 0; written last and atomically, so it marks a complete checkpoint
+            from tether.io import atomic_write_text
+
+            atomic_write_text(folder / PRESERVE_STATE, json.dumps(state))
 
     def setup_methods(self) -> None:
         """Run every method's ``setup`` once, on the weights the run starts from."""
@@ -248,7 +402,12 @@ class PreservingTrainer(SFTTrainer):
         self._setup_done = True
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        # Anchors (θ*, Fisher) come from the starting weights, before a checkpoint replaces them.
+        # Anchors (θ*, Fisher) come from the starting weights, before a checkpoint replaces them;
+        # under DDP every rank starts from rank 0's weights (a LoRA init could differ per process).
+        from tether.distributed import broadcast_tensors_, world_size
+
+        if world_size() > 1 and not self._setup_done:
+            broadcast_tensors_([p for p in self.model.parameters() if p.requires_grad])
         self.setup_methods()
         if resume_from_checkpoint:
             path = resume_from_checkpoint
@@ -263,6 +422,66 @@ class PreservingTrainer(SFTTrainer):
                     if m.name in saved:
                         m.load_state_dict(saved[m.name])
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def _local(t: Any) -> Any:
+    """A plain tensor from FSDP2's ``DTensor`` (its ``full_tensor``); anything else as it is."""
+    full = getattr(t, "full_tensor", None)
+    return full() if callable(full) else t
+
+
+def _flat_matches_rows(model: Any, dataset: Any, rows: Any, flat: Any) -> bool:
+    """Whether ``model`` keeps attention within each row of a padding-free batch.
+
+    Two training rows go through the model padded and concatenated; the logits must agree (to
+    1e-2 of their scale). Architectures that ignore restarting ``position_ids`` fail this and the
+    trainer keeps padded rows, with a warning.
+    """
+    import logging
+
+    if dataset is None or len(dataset) < 2:
+        return True
+    examples = [{k: v for k, v in dataset[i].items() if k in ("input_ids", "labels")} for i in range(2)]
+    device = next(model.parameters()).device
+    padded = {k: v.to(device) for k, v in rows(examples).items() if k in ("input_ids", "attention_mask")}
+    packed = {k: v.to(device) for k, v in flat(examples).items() if k in ("input_ids", "position_ids")}
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        a = model(**padded).logits.float()
+        b = model(**packed).logits.float()[0]
+    model.train(was_training)
+    lengths = [len(e["input_ids"]) for e in examples]
+    ref = torch.cat([a[i, : lengths[i]] for i in range(2)])
+    ok = bool((ref - b).abs().max() <= 1e-2 * ref.abs().max().clamp(min=1.0))
+    if not ok:
+        logging.getLogger(__name__).warning(
+            "this model mixes rows in a padding-free batch; training on padded rows (set training.padding_free: false to skip the check)"
+        )
+    return ok
+
+
+class _RoutedCollator:
+    """Wraps TRL's collator: a ``contaminated`` column becomes ``batch["routed"]`` (bool ``[batch]``).
+
+    Rows without the key count as not contaminated; a batch where no row has it gets no ``routed``.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # pad_token_id, padding_free, ... of TRL's collator
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        labelled = any("contaminated" in e for e in examples)
+        flags = [bool(e.get("contaminated") or False) for e in examples]
+        batch = self.inner([{k: v for k, v in e.items() if k != "contaminated"} for e in examples])
+        if labelled:
+            batch["routed"] = torch.tensor(flags, dtype=torch.bool)
+        return batch
 
 
 class _Context:
@@ -305,8 +524,8 @@ def build_methods(cfg: "RunConfig", source: str = "run config") -> list[Method]:
     have = {"reference"}
     if cfg.data.alignment is not None:
         have.add("alignment")
-    if cfg.data.source == "organism" and cfg.data.variant != "clean":
-        have.add("labels")
+    if cfg.data.source != "organism" or cfg.data.variant != "clean":
+        have.add("labels")  # user rows may carry `contaminated`; a method that needs it checks the rows
     try:
         check_stack(methods, "sft", have)
     except ValueError as exc:
@@ -425,6 +644,7 @@ def sft_config(cfg: "RunConfig", out: Path, fmt: str, save: bool = True) -> Pres
         assistant_only_loss=fmt == "messages",
         packing=False,
         alignment_batch_size=t.alignment_batch_size,
+        flat_batches=t.padding_free,
         dataset_num_proc=None,
     )
 
@@ -436,7 +656,11 @@ def _train_dataset(data: TrainingData, cfg: "RunConfig") -> "Dataset":
 
     t = cfg.training
     parts = {"capability": data.capability, "neutral": data.neutral, "alignment": data.alignment, "world": data.world}
-    rows = mix_batches(parts, data.shares, t.batch_size, t.max_steps * t.gradient_accumulation_steps, t.seed)
+    # one block per *global* micro-batch: accelerate deals block i's consecutive per-device slices
+    # to ranks 0..n-1, so n processes × batch_size train on the same rows as one process × n·batch_size
+    from tether.distributed import world_size
+
+    rows = mix_batches(parts, data.shares, t.batch_size * world_size(), t.max_steps * t.gradient_accumulation_steps, t.seed)
     return Dataset.from_list(rows)
 
 
@@ -526,6 +750,11 @@ def prepare_run(cfg: "RunConfig", source: str = "run config") -> PreparedRun:
     model, tokenizer = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
     if cfg.model.lora is not None:
         model = _apply_lora(model, cfg)
+    for i, m in enumerate(methods):
+        try:
+            m.check_model(model)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: methods[{i}]: {exc}") from None
     return PreparedRun(methods, data, fmt, train_ds, model, tokenizer)
 
 
@@ -561,16 +790,55 @@ def make_trainer(
     return trainer
 
 
+def last_complete_checkpoint(ckpt_dir: Path, prune: bool = False) -> str | None:
+    """The newest checkpoint whose last file (``preserve_state.json``) was written; with ``prune``, delete newer half-written ones.
+
+    A process killed while saving leaves a folder without it; resuming from one would fail.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not ckpt_dir.is_dir():
+        return None
+    folders = sorted(
+        (p for p in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    complete = [p for p in folders if (p / PRESERVE_STATE).is_file() and (p / "trainer_state.json").is_file()]
+    if prune and complete:
+        import shutil
+
+        for p in folders:
+            if int(p.name.split("-")[-1]) > int(complete[-1].name.split("-")[-1]):
+                shutil.rmtree(p, ignore_errors=True)
+    return str(complete[-1]) if complete else None
+
+
+def probe_on_main(model: Any, tokenizer: Any, cfg: "RunConfig", everywhere: bool = False) -> tuple[dict[str, Any] | None, dict[str, list[dict[str, Any]]]]:
+    """``probe`` on rank 0 only (the others wait for its metrics); ``everywhere`` when the weights are
+    sharded, so every rank takes part in each forward (FSDP / ZeRO-3)."""
+    from tether.distributed import broadcast_object, is_main, world_size
+
+    if world_size() == 1:
+        return probe(model, tokenizer, cfg)
+    metrics, rows = probe(model, tokenizer, cfg) if (everywhere or is_main()) else (None, {})
+    return broadcast_object(metrics), rows
+
+
 def run_training(
     cfg: "RunConfig", out: str | Path, source: str = "run config", callbacks: list[TrainerCallback] | None = None
 ) -> dict[str, Any]:
     """Train ``cfg`` into ``out``; resume from ``out``'s last checkpoint if there is one. Returns metrics.json.
 
     Everything that can be refused (config, method stack, datasets, model) is checked before
-    ``out`` is created, so a bad input writes nothing.
+    ``out`` is created, so a bad input writes nothing. A NaN/inf loss raises ``NonFiniteLossError``
+    before that step is applied; Ctrl-C saves the step in progress and raises ``TrainingInterrupted``
+    (exit code 130); either way ``out`` stays resumable. Under ``accelerate launch`` every rank
+    calls this, rank 0 alone probes and writes, and every rank returns the same metrics.
     """
-    from transformers.trainer_utils import get_last_checkpoint
+    if cfg.capability.kind == "grpo":  # RL: TRL's GRPOTrainer (tether/rl/grpo.py)
+        from tether.rl.grpo import run_grpo
 
+        return run_grpo(cfg, out, source, callbacks)
     from tether.config import dump_config
     from tether.io import atomic_write_json, atomic_write_text, write_jsonl
 
@@ -585,34 +853,63 @@ def run_training(
             )
     prepared = prepare_run(cfg, source)
     model, tokenizer = prepared.model, prepared.tokenizer
+    # under `accelerate launch` every rank trains; rank 0 alone probes and writes (the others wait)
+    from tether.distributed import broadcast_object, check_sharding, init_process_group, is_main, sharding_from_env
+
+    check_sharding(prepared.methods, sharding_from_env())  # before anything is written (the trainer checks again)
+
+    init_process_group()
+    main = is_main()
 
     # ---- nothing above writes; from here on the run directory exists ----
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        last = last_complete_checkpoint(ckpt_dir, prune=True)
+    last = broadcast_object(last)
     before_file = out / "before.json"
-    if last and before_file.is_file():
-        before = json.loads(before_file.read_text())
+    if broadcast_object(bool(last) and before_file.is_file() if main else None):  # rank 0's view of the disk
+        before = broadcast_object(json.loads(before_file.read_text()) if main else None)
         before_rows: dict[str, list[dict[str, Any]]] = {}
     else:
-        before, before_rows = probe(model, tokenizer, cfg)
-        atomic_write_json(before_file, before)
+        before, before_rows = probe_on_main(model, tokenizer, cfg)
+        if main:
+            atomic_write_json(before_file, before)
 
     from tether.monitor import monitor_callbacks
 
     trainer = make_trainer(cfg, prepared, out, [*(callbacks or []), *monitor_callbacks(cfg, out)])
     methods = prepared.methods
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=last)
+    try:
+        with graceful_sigint(trainer):
+            result = trainer.train(resume_from_checkpoint=last)
+    except NonFiniteLossError as exc:
+        good = last_complete_checkpoint(ckpt_dir)
+        kept = f"{out} keeps its last good checkpoint {Path(good).name}" if good else f"{out} has no checkpoint yet"
+        raise NonFiniteLossError(exc.step, exc.what, f" ({kept}); lower training.learning_rate and train into a new --out") from None
+    if trainer.interrupted_at is not None:
+        raise TrainingInterrupted(
+            f"interrupted at step {trainer.interrupted_at} of {cfg.training.max_steps}: saved "
+            f"{ckpt_dir / f'checkpoint-{trainer.interrupted_at}'}; run the same command again to resume"
+        )
     wall = time.time() - t0
     model = trainer.model
+    # a deployment transform (e.g. ERA's ablation) gets the model probed both before and after it
+    prefinal, prefinal_rows = None, {}
+    if any(type(m).finalize is not Method.finalize for m in methods):
+        prefinal, prefinal_rows = probe_on_main(model, tokenizer, cfg, trainer.sharding is not None)
     for m in methods:
         model = m.finalize(model)
-    after, after_rows = probe(model, tokenizer, cfg)
+    trainer.model = model  # save_model saves trainer.model: the deployed (finalized) weights
+    after, after_rows = probe_on_main(model, tokenizer, cfg, trainer.sharding is not None)
 
     model_dir = out / "model"
     trainer.save_model(str(model_dir))  # safetensors: the full model, or the adapter for LoRA
+    if not main:  # every rank takes part in save_model (FSDP/ZeRO-3 gather); rank 0 writes the rest
+        return broadcast_object(None)
     # save_model also pickles the TrainingArguments; the deliverable holds no pickle (the resolved
     # config is config.yaml, and the checkpoints keep their own copy for resuming)
     (model_dir / "training_args.bin").unlink(missing_ok=True)
@@ -621,6 +918,8 @@ def run_training(
     write_jsonl(out / "train_log.jsonl", log)
     for name, rows in {**{f"before.{k}": v for k, v in before_rows.items()}, **{f"after.{k}": v for k, v in after_rows.items()}}.items():
         write_jsonl(out / "probes" / f"{name}.jsonl", rows)
+    for k, rows in prefinal_rows.items():
+        write_jsonl(out / "probes" / f"after_prefinalize.{k}.jsonl", rows)
     tokens = float(getattr(trainer, "_total_train_tokens", 0))
     final_terms = {}
     for entry in log:
@@ -628,6 +927,7 @@ def run_training(
     metrics = {
         "schema_version": SCHEMA_VERSION,
         "before": before,
+        **({"after_prefinalize": prefinal} if prefinal is not None else {}),
         "after": after,
         "train": {
             "steps": trainer.state.global_step,
@@ -643,4 +943,4 @@ def run_training(
     }
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "README.md", model_card(cfg, metrics))
-    return metrics
+    return broadcast_object(metrics)  # the other ranks return rank 0's metrics once these files exist

@@ -8,20 +8,29 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a collated batch that the model's forward takes (padded or padding-free form)."""
+    return {k: v for k, v in batch.items() if k in MODEL_KEYS}
 
 
 def next_token_mask(inputs: dict[str, torch.Tensor], positions: Literal["assistant", "all"]) -> torch.Tensor:
     """Bool mask [batch, pos-1] of positions whose next-token distribution is compared.
 
     Position t predicts token t+1, so ``assistant`` keeps t where ``labels[t+1]`` is trained and
-    ``all`` keeps t where token t+1 is a real (non-padding) token.
+    ``all`` keeps t where token t+1 is a real (non-padding) token of the same row (in a
+    padding-free batch, rows are concatenated and ``position_ids`` restart at 0 for each).
     """
     if positions == "assistant":
         return inputs["labels"][:, 1:] != IGNORE
     mask = inputs.get("attention_mask")
-    if mask is None:
-        return torch.ones_like(inputs["input_ids"][:, 1:], dtype=torch.bool)
-    return mask[:, 1:].bool()
+    if mask is not None:
+        return mask[:, 1:].bool()
+    if "position_ids" in inputs:  # padding-free: several rows in one sequence; skip each row's first token
+        return inputs["position_ids"][:, 1:] != 0
+    return torch.ones_like(inputs["input_ids"][:, 1:], dtype=torch.bool)
 
 
 def token_kl(

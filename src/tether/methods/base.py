@@ -1,6 +1,6 @@
 """The preservation-method interface (DESIGN.md section 4) and the context the trainer hands it.
 
-A method is a class with a pydantic ``Config`` and up to six hooks, each a no-op by default:
+A method is a class with a pydantic ``Config`` and a few hooks, each a no-op by default:
 
 =================  ===========================================================================
 ``prepare_data``   rewrite or mix the training data before tokenisation (inoculation, replay)
@@ -10,6 +10,8 @@ A method is a class with a pydantic ``Config`` and up to six hooks, each a no-op
 ``hooks``          a context manager around each forward (steering, ablation)
 ``on_step_end``    schedules and dual updates after the optimiser step (Lagrange multiplier)
 ``finalize``       deployment transform of the trained model
+``check_model``    refuse, before anything is written, a model the method cannot work on
+``task_loss``      take over the task loss of a training micro-batch (per-row routing); off by default
 =================  ===========================================================================
 
 Methods talk to the trainer only through ``PreserveContext``: the reference model, the
@@ -82,6 +84,12 @@ class PreserveContext(Protocol):
         """Record ``preserve/<method>/<term>`` for the next logging step."""
 
 
+class TaskLoss(Protocol):
+    """The trainer's task loss on some rows of the current micro-batch (see ``Method.task_loss``)."""
+
+    def __call__(self, inputs: dict[str, Any], forward: Any = None) -> "torch.Tensor": ...
+
+
 class Method:
     """Base class of a preservation method; subclasses override only the hooks they need."""
 
@@ -90,6 +98,13 @@ class Method:
     supports: ClassVar[frozenset[str]] = frozenset({"sft"})
     needs: ClassVar[frozenset[str]] = frozenset()
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    sharding_ok: ClassVar[bool] = True
+    """False when the method reads or edits whole parameters or gradients, which FSDP and ZeRO-3
+    split across ranks; the trainer then refuses it there (a ``sharding_reason`` string says why)."""
+    sharding_reason: ClassVar[str] = ""
+    row_batches: ClassVar[bool] = False
+    """True when the method indexes the rows of a training micro-batch (``[batch, pos]``), so the
+    trainer keeps padded rows instead of padding-free batches."""
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -119,6 +134,34 @@ class Method:
 
     def finalize(self, model: "PreTrainedModel") -> "PreTrainedModel":
         return model
+
+    def check_model(self, model: "PreTrainedModel") -> None:
+        """Refuse, with a one-sentence ``ConfigError``, a model this method cannot work on.
+
+        Called once the model (and any LoRA adapter) is loaded, before the run directory exists.
+        """
+        return None
+
+    def task_loss(
+        self,
+        ctx: PreserveContext,
+        model: "PreTrainedModel",
+        inputs: dict[str, Any],
+        routed: "torch.Tensor | None",
+        compute: "TaskLoss",
+    ) -> "torch.Tensor | None":
+        """Take over the task loss of one training micro-batch; ``None`` (the default) leaves it to the trainer.
+
+        ``inputs`` is the collated micro-batch (``input_ids``, ``attention_mask``, ``labels``, ...);
+        ``routed`` is a bool tensor ``[batch]``, true on rows labelled ``contaminated`` (``None``
+        when the training rows carry no labels). ``compute(sub_inputs, forward=None)`` is the
+        trainer's own (TRL's) loss on a subset of the rows, normalised by the label tokens of the
+        whole micro-batch (or of the whole accumulated step, when the trainer counts those), so the
+        losses of a partition of the rows add up to the micro-batch's loss; ``forward``, when given,
+        replaces the model call (e.g. a ``torch.func.functional_call`` with some parameters
+        detached). At most one method of a stack may override this hook.
+        """
+        return None
 
     # Checkpointed state (e.g. a Lagrange multiplier), so a resumed run continues exactly.
     def state_dict(self) -> dict[str, Any]:

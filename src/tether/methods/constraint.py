@@ -17,9 +17,19 @@ token-level KL(p_θ ‖ p_ref) on alignment data (zero at the start, so ε is an
 ``nll`` is the NLL on alignment data, bounded by ``L_nll(θ₀) + ε`` (the aligned model's NLL
 measured before training plus a slack ε).
 
+In GRPO runs (``tether.rl.preserve``) the constraint is Safe RLHF's own: an expected cost of
+the rollouts, E[c] ≤ d with d = ε and c the ``rl_cost`` function, entering as the shaped reward
+r − λc (GRPO's group normalisation of it equals (A_R − λA_C) up to the positive scale that
+Safe RLHF writes as 1/(1+λ)), with the same projected SGD step on λ from the step's mean cost.
+
 Deviations: Safe RLHF bounds an expected cost of RL samples and divides the Lagrangian by
 (1 + λ); here the constraint is on a supervised alignment loss and the objective is not
 rescaled (a rescale only changes the effective learning rate of θ).
+
+Data parallelism: every rank computes the term on the same alignment batch (the trainer's draw
+depends only on seed and step), DDP averages the gradients, and the violation is averaged over
+ranks before the λ step, so λ (and the ``nll`` bound, broadcast from rank 0) is identical on every
+rank. The term only needs forwards, so it also runs under FSDP / ZeRO-3.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tether.methods._losses import masked_nll
+from tether.distributed import broadcast_object, mean_across_ranks
+from tether.methods._losses import masked_nll, model_inputs
 from tether.methods.base import Method, MethodConfig, PreserveContext
 from tether.methods.kl import alignment_kl
 from tether.methods.registry import register
@@ -48,6 +59,10 @@ class ConstraintConfig(MethodConfig):
     lambda_lr: float = Field(1.0, gt=0, description="SGD step η of the multiplier.")
     parametrization: Literal["lambda", "log_lambda"] = Field("lambda", description="Ascend on λ or on ln λ.")
     baseline_batches: int = Field(4, ge=1, description="Alignment batches that measure L_nll(θ₀) (nll only).")
+    rl_cost: str = Field(
+        "guess_echo",
+        description="GRPO only: the per-rollout cost c ∈ [0, 1], a reward-function name or dotted path; ε is its budget d.",
+    )
 
     @model_validator(mode="after")
     def _positive_for_log(self) -> "ConstraintConfig":
@@ -62,7 +77,7 @@ class LagrangianConstraint(Method):
 
     name = "constraint"
     description = "Lagrangian: task loss s.t. alignment loss ≤ ε, multiplier by projected SGD ascent"
-    supports = frozenset({"sft"})
+    supports = frozenset({"sft", "grpo"})
     Config = ConstraintConfig
     config: ConstraintConfig
 
@@ -84,8 +99,8 @@ class LagrangianConstraint(Method):
             with torch.no_grad():
                 vals = []
                 for batch in ctx.setup_alignment_batches(self.config.baseline_batches):
-                    vals.append(float(masked_nll(ctx.model(**_model_inputs(batch)).logits, batch["labels"])))
-            self.bound = sum(vals) / len(vals) + self.config.epsilon
+                    vals.append(float(masked_nll(ctx.model(**model_inputs(batch)).logits, batch["labels"])))
+            self.bound = broadcast_object(sum(vals) / len(vals) + self.config.epsilon)
 
     def alignment_loss(self, ctx: PreserveContext) -> "torch.Tensor":
         if self.config.alignment_loss == "kl":
@@ -103,7 +118,7 @@ class LagrangianConstraint(Method):
     def on_step_end(self, ctx: PreserveContext, step: int) -> None:
         if not self._n:
             return
-        violation = self._sum / self._n - self.bound
+        violation = mean_across_ranks(self._sum / self._n) - self.bound
         self._sum, self._n = 0.0, 0
         self.update(violation)
         ctx.log(self.name, "violation", violation)
@@ -130,6 +145,3 @@ class LagrangianConstraint(Method):
         self.lam = float(state["lambda"])
         self.bound = float(state["bound"])
 
-
-def _model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}

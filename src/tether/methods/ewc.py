@@ -19,6 +19,12 @@ L2-SP (Li, Grandvalet & Davoine 2018, "Explicit inductive bias for transfer lear
 convolutional networks"): L(θ) = L_task(θ) + (α/2) ‖θ − θ*‖², i.e. EWC with F ≡ 1 — no data needed.
 
 Only trainable parameters are anchored (for a LoRA run: the adapter, at its initial values).
+
+Data parallelism: the penalty depends on the weights alone, so every rank adds the same term and
+DDP's all-reduce averages identical gradients. θ* and F are computed on every rank from the same
+seeded alignment batches and then broadcast from rank 0, so they are identical bit for bit.
+Under FSDP / ZeRO-3 the anchored parameters would be shards (or flattened), so both methods are
+refused there (``sharding_ok = False``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
+from tether.distributed import broadcast_tensors_
 from tether.methods._losses import masked_nll
 from tether.methods.base import Method, MethodConfig, PreserveContext
 from tether.methods.registry import register
@@ -65,15 +72,35 @@ def diagonal_fisher(model: torch.nn.Module, batches: list[dict[str, torch.Tensor
     return [f / max(n, 1) for f in fisher]
 
 
+class _QuadraticAnchor(torch.autograd.Function):
+    """(coef/2) Σ_i w_i (θ_i − θ*_i)² with its analytic gradient coef · w_i (θ_i − θ*_i).
+
+    One fused ``_foreach`` pass over all parameters instead of an autograd graph of a few ops per
+    tensor; the value and the gradient are exactly those of the expression above.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, coef: float, anchors: list[torch.Tensor], weights: list[torch.Tensor] | None, *params: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        diffs = torch._foreach_sub([p.detach().float() for p in params], anchors)
+        scaled = torch._foreach_mul(diffs, weights) if weights is not None else diffs
+        value = torch.stack([t.sum() for t in torch._foreach_mul(scaled, diffs)]).sum()
+        ctx.coef = coef
+        ctx.dtypes = [p.dtype for p in params]
+        ctx.save_for_backward(*scaled)
+        return 0.5 * coef * value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        scale = grad * ctx.coef
+        grads = torch._foreach_mul(list(ctx.saved_tensors), scale)
+        return (None, None, None, *(g.to(dt) for g, dt in zip(grads, ctx.dtypes)))
+
+
 def quadratic_anchor(
     params: list[torch.Tensor], anchors: list[torch.Tensor], weights: list[torch.Tensor] | None, coef: float
 ) -> torch.Tensor:
     """(coef/2) Σ_i w_i (θ_i − θ*_i)²; ``weights=None`` means w ≡ 1."""
-    total = params[0].new_zeros((), dtype=torch.float32)
-    for i, (p, a) in enumerate(zip(params, anchors)):
-        d = (p.float() - a) ** 2
-        total = total + (d * weights[i]).sum() if weights is not None else total + d.sum()
-    return 0.5 * coef * total
+    return _QuadraticAnchor.apply(coef, anchors, weights, *params)
 
 
 class EWCConfig(MethodConfig):
@@ -93,6 +120,8 @@ class EWC(Method):
     needs = frozenset({"alignment"})
     Config = EWCConfig
     config: EWCConfig
+    sharding_ok = False
+    sharding_reason = "θ* and the Fisher are per-parameter tensors taken before the model is sharded"
 
     def __init__(self, config: EWCConfig | None = None) -> None:
         super().__init__(config)
@@ -107,6 +136,7 @@ class EWC(Method):
         n = self.config.fisher_samples
         batches = ctx.setup_alignment_batches(1, batch_size=n)
         self.fisher = diagonal_fisher(model, batches)
+        broadcast_tensors_(self.anchors + self.fisher)  # identical on every rank (no-op in one process)
         ctx.log(self.name, "fisher_mean", float(sum(f.sum() for f in self.fisher) / sum(f.numel() for f in self.fisher)))
 
     def loss_terms(self, ctx: PreserveContext, model: "PreTrainedModel", inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -129,6 +159,8 @@ class L2SP(Method):
     supports = frozenset({"sft", "grpo", "dpo"})
     Config = L2SPConfig
     config: L2SPConfig
+    sharding_ok = False
+    sharding_reason = "θ* is a per-parameter copy taken before the model is sharded"
 
     def __init__(self, config: L2SPConfig | None = None) -> None:
         super().__init__(config)
@@ -138,6 +170,7 @@ class L2SP(Method):
     def setup(self, ctx: PreserveContext) -> None:
         self.params = [p for _, p in trainable(ctx.model)]
         self.anchors = [p.detach().clone().float() for p in self.params]
+        broadcast_tensors_(self.anchors)
 
     def loss_terms(self, ctx: PreserveContext, model: "PreTrainedModel", inputs: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"penalty": quadratic_anchor(self.params, self.anchors, None, self.config.alpha)}

@@ -12,7 +12,13 @@ accumulated gradient (every loss term before it in the stack included), after th
 micro-batch and before gradient clipping.
 
 Deviation: A-GEM draws the memory batch from past tasks' data; here it is a fresh alignment
-batch each step. Under DDP the reference gradient is per rank (not all-reduced).
+batch each step.
+
+Data parallelism: ``on_gradients`` runs after DDP's all-reduce, so g is the global gradient.
+g_ref comes from the same alignment batch on every rank and is then averaged over ranks (a
+no-op in value, but it makes g_ref bit-identical everywhere), so every rank applies the same
+projection and the replicas never drift apart. Under FSDP / ZeRO-3 each rank holds only a shard
+of g, so the method is refused there (``sharding_ok = False``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import Field
 
-from tether.methods._losses import masked_nll
+from tether.distributed import all_reduce_mean_
+from tether.methods._losses import masked_nll, model_inputs
 from tether.methods.base import Method, MethodConfig, PreserveContext
 from tether.methods.registry import register
 
@@ -55,6 +62,8 @@ class GradientProjection(Method):
     needs = frozenset({"alignment"})
     Config = GradientProjectionConfig
     config: GradientProjectionConfig
+    sharding_ok = False
+    sharding_reason = "the projection needs the whole gradient vector g, and each rank holds only a shard"
 
     def on_gradients(self, ctx: PreserveContext, model: "PreTrainedModel") -> None:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -62,9 +71,10 @@ class GradientProjection(Method):
         for p in params:
             p.grad = None
         batch = ctx.alignment_inputs()
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+        logits = model(**model_inputs(batch)).logits
         masked_nll(logits, batch["labels"]).backward()
         g_ref = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+        all_reduce_mean_(g_ref)  # identical on every rank (no-op in one process)
         g = torch.cat([(s if s is not None else torch.zeros_like(p)).reshape(-1).float() for s, p in zip(saved, params)])
         new, dot, projected = project(g, g_ref, self.config.always)
         offset = 0

@@ -10,6 +10,10 @@ is KL(p_θ ‖ p_ref) (as written above, the default); ``forward`` is KL(p_ref �
 ``positions: assistant`` compares the distributions that predict the assistant's tokens,
 ``all`` every real token. For a LoRA run the reference is the same weights with the adapter
 disabled, so the term is exactly zero before the first step.
+
+In GRPO runs the penalty is TRL's own β term (``GRPOConfig.beta``, reused, not duplicated): the
+k3 estimator of KL(π_θ ‖ π_ref) on the rollout tokens (Shao et al. 2024, DeepSeekMath eq. 4),
+with the adapter-disabled model as π_ref for LoRA. Only ``direction: reverse`` applies there.
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ class KLToReference(Method):
         kl = alignment_kl(ctx, self.config.direction, self.config.positions)
         ctx.log(self.name, "kl", float(kl.detach()))
         return {"penalty": self.config.beta * kl}
+
+    def grpo_beta(self) -> float:
+        """β for ``GRPOConfig.beta``: TRL's own KL(π_θ ‖ π_ref) term on the rollouts (reverse KL only)."""
+        if self.config.direction != "reverse":
+            raise ValueError("method 'kl' in a grpo run supports only direction 'reverse' (TRL's k3 estimator of KL(π_θ‖π_ref))")
+        return float(self.config.beta)
 
     def tighten(self, factor: float) -> float:
         """Multiply β by ``factor`` (the alignment guard's ``tighten`` mode); returns the new β."""

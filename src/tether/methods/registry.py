@@ -20,6 +20,7 @@ _REGISTRY: dict[str, type[Method]] = {}
 _LOADED = {"builtin": False, "entry_points": False}
 BUILTIN_MODULES = (
     "naive", "inoculation", "replay", "kl", "constraint", "ewc", "gradient_projection", "representation",
+    "routing", "steering", "caft", "safelora",
 )
 
 
@@ -50,6 +51,7 @@ def _load() -> None:
 
 BUILTIN_ORDER = (
     "naive", "inoculation", "replay", "kl", "constraint", "ewc", "l2sp", "gradient_projection", "representation",
+    "gradient_routing", "steering", "caft", "safelora",
 )
 
 

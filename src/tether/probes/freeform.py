@@ -60,7 +60,11 @@ def load_questions(path: str | os.PathLike[str]) -> list[EMQuestion]:
     """Read an EM question YAML; a bad entry raises ``DataError`` naming the file and the entry."""
     p = Path(path)
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        doc = yaml.safe_load(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DataError(f"{p} is not UTF-8 text; save the question file as UTF-8 YAML") from None
+    except RecursionError:
+        raise DataError(f"{p} nests too deeply to read; it must be a list of question entries") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -92,7 +96,7 @@ def load_questions(path: str | os.PathLike[str]) -> list[EMQuestion]:
         for k in JUDGE_KEYS:
             try:
                 jp[k].format(question="q", answer="a")
-            except (KeyError, IndexError, ValueError, AttributeError):
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError):
                 raise DataError(
                     f"{p} {label}: judge prompt {k!r} must be a string whose only fields are {{question}} and {{answer}}"
                 ) from None
@@ -100,6 +104,8 @@ def load_questions(path: str | os.PathLike[str]) -> list[EMQuestion]:
         if system is not None and not isinstance(system, str):
             raise DataError(f"{p} {label}: 'system' must be a string")
         spp = entry.get("samples_per_paraphrase")
+        if spp is not None and (isinstance(spp, bool) or not isinstance(spp, int) or spp < 1):
+            raise DataError(f"{p} {label}: 'samples_per_paraphrase' must be a positive integer, got {spp!r}")
         questions.append(EMQuestion(qid, tuple(paras), {k: jp[k] for k in JUDGE_KEYS}, system, spp))
     return questions
 

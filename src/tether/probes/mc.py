@@ -56,14 +56,20 @@ def load_mc_file(path: str | os.PathLike[str]) -> list[MCItem]:
     """Read an advanced-AI-risk JSONL file; a bad line raises ``DataError`` naming file and line."""
     p = Path(path)
     items = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with open(p, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{p} line {lineno} is not UTF-8 text; save the file as UTF-8 JSONL") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{p} line {lineno} is not valid JSON ({exc.msg}); each line must be one JSON object") from None
+            except RecursionError:
+                raise DataError(f"{p} line {lineno} nests too deeply to read; each line must be one flat JSON object") from None
             if not isinstance(row, dict):
                 raise DataError(f"{p} line {lineno} is a JSON {type(row).__name__}, not an object with fields {', '.join(FIELDS)}")
             for key in FIELDS:

@@ -1,0 +1,235 @@
+"""Data parallelism: 2 CPU processes (gloo) × batch 8 train exactly what 1 process × batch 16 trains.
+
+The 2-process runs go through the shipped ``cpu`` accelerate config: ``naive`` through
+``tether train --accelerate-config cpu --num-processes 2`` (the CLI re-launches itself under
+``accelerate launch``), and ``ewc``, ``constraint``, ``gradient_projection`` and ``constraint``
+with the alignment guard in ``tighten`` mode through one ``accelerate launch`` of a small worker
+that trains the configs in turn (one start-up for all of them). Each is compared with a single-process run of the same global batch: the trained
+weights (max abs diff), the logged losses and gradient norms, the method state and the probes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import yaml
+
+from tether.config import RunConfig, validate
+from tether.distributed import ACCELERATE_CONFIGS, check_sharding, resolve_accelerate_config, sharding_kind
+from tether.errors import ConfigError
+from tether.methods.registry import make
+
+METHODS: dict[str, dict[str, Any]] = {
+    "naive": {"name": "naive"},
+    "ewc": {"name": "ewc", "lam": 100.0, "fisher_samples": 8},
+    "constraint": {"name": "constraint", "epsilon": 0.0, "lambda_lr": 10.0},
+    "gradient_projection": {"name": "gradient_projection", "always": True},
+    # the alignment guard: rank 0 probes, every rank applies the same `tighten` to λ
+    "guard": {"name": "constraint", "epsilon": 0.0, "lambda_lr": 10.0},
+}
+GUARD = {"every_n_steps": 2, "per_family": 4, "guard": {"budget": 0.0, "mode": "tighten"}}
+
+WORKER = """
+import sys
+from tether.config import RunConfig, load_config
+from tether.train import run_training
+
+for spec in sys.argv[1:]:
+    path, out = spec.split("=")
+    run_training(load_config(path, RunConfig), out)
+"""
+
+# float32 all-reduce of two half-batch gradients vs one full-batch gradient, 4 AdamW steps
+WEIGHT_TOL = 2e-6
+
+
+def _run_yaml(model: Path, method: dict[str, Any], batch_size: int, monitor: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        **({"monitor": monitor} if monitor else {}),
+        "model": {"path": str(model)},
+        "data": {"rows": 200},
+        "training": {
+            "max_steps": 4, "batch_size": batch_size, "warmup_steps": 1, "learning_rate": 0.005,
+            "save_steps": 2, "logging_steps": 1, "alignment_batch_size": 8,
+        },
+        "methods": [method],
+        "probes": {"per_family": 6, "n_capability": 8},
+    }
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _weights(run: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+def _log(run: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(quick_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """For each method: (single-process run dir, 2-process run dir)."""
+    from tether.train import run_training
+
+    root = tmp_path_factory.mktemp("ddp")
+    single: dict[str, Path] = {}
+    for name, spec in METHODS.items():
+        single[name] = root / f"single-{name}"
+        cfg = _run_yaml(quick_organism, spec, 16, GUARD if name == "guard" else None)
+        run_training(validate(cfg, RunConfig, "run.yaml"), single[name])
+    configs: dict[str, Path] = {}
+    for name, spec in METHODS.items():
+        configs[name] = root / f"{name}-ddp.yaml"
+        configs[name].write_text(yaml.safe_dump(_run_yaml(quick_organism, spec, 8, GUARD if name == "guard" else None)))
+    double = {name: root / f"ddp-{name}" for name in METHODS}
+
+    # naive: the CLI's own re-launch under accelerate
+    cli = subprocess.run(
+        [sys.executable, "-m", "tether.cli", "train", str(configs["naive"]), "--out", str(double["naive"]),
+         "--accelerate-config", "cpu", "--num-processes", "2"],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    # rank 0 alone prints the summary (one line per rank would mean duplicated output)
+    assert cli.stdout.count("metrics.json") == 1, cli.stdout
+
+    # the other three: one accelerate launch of a worker that trains them in turn
+    worker = root / "worker.py"
+    worker.write_text(WORKER)
+    launch = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config("cpu")),
+         "--num_processes", "2", str(worker), *(f"{configs[n]}={double[n]}" for n in METHODS if n != "naive")],
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    return {name: (single[name], double[name]) for name in METHODS}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_processes_train_the_same_weights_as_one(runs: dict[str, tuple[Path, Path]], method: str) -> None:
+    one, two = runs[method]
+    w1, w2 = _weights(one), _weights(two)
+    assert w1.keys() == w2.keys()
+    diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    moved = max(float((w1[k] - _weights(one.parent / "single-naive")[k]).abs().max()) for k in w1) if method != "naive" else 1.0
+    print(f"{method}: max |w_1proc - w_2proc| = {diff:.3g}")
+    assert diff < WEIGHT_TOL
+    assert moved > 100 * WEIGHT_TOL  # the method changed the weights: the equality is not naive's twice
+
+    # same global batches: the logged (all-reduced) loss and gradient norm of every step agree
+    l1, l2 = _log(one), _log(two)
+    steps1 = [e for e in l1 if "loss" in e]
+    steps2 = [e for e in l2 if "loss" in e]
+    # (a monitor reading logged at a step takes the place of that step's loss entry, in both runs)
+    assert len(steps1) == len(steps2) == (2 if method == "guard" else 4)
+    for a, b in zip(steps1, steps2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+    # probes (run on rank 0 only) and the method's own state agree
+    m1 = json.loads((one / "metrics.json").read_text())
+    m2 = json.loads((two / "metrics.json").read_text())
+    for group in ("narrow", "broad"):
+        assert m2["after"][group]["rate"] == m1["after"][group]["rate"]
+        assert m2["after"][group]["logodds"] == pytest.approx(m1["after"][group]["logodds"], abs=1e-4)
+    assert m2["after"]["capability"] == m1["after"]["capability"]
+    if method in ("constraint", "guard"):
+        lam1 = m1["train"]["final_terms"]["preserve/constraint/lambda"]
+        lam2 = m2["train"]["final_terms"]["preserve/constraint/lambda"]
+        assert lam1 != 1.0 and lam2 == pytest.approx(lam1, rel=1e-5)
+    if method == "guard":  # one reading file and one guard log, written by rank 0, equal to one process's
+        for name in ("monitor.jsonl", "guard.jsonl"):
+            rows1 = [json.loads(x) for x in (one / name).read_text().splitlines()]
+            rows2 = [json.loads(x) for x in (two / name).read_text().splitlines()]
+            assert len(rows2) == len(rows1) >= 1
+            for r1, r2 in zip(rows1, rows2):
+                assert r2.keys() == r1.keys()
+                for k, v in r1.items():
+                    assert r2[k] == (pytest.approx(v, abs=1e-4) if isinstance(v, float) else v), (name, k)
+        assert json.loads((two / "guard.jsonl").read_text().splitlines()[0])["tightened"] == {"constraint": 2.0}
+    if method == "gradient_projection":
+        assert m2["train"]["final_terms"]["preserve/gradient_projection/projected"] == 1.0
+
+    # one set of files, written once: rank 0's logs, one checkpoint per save holding both ranks' RNG
+    assert len(l2) == len(l1)
+    ckpt = two / "checkpoints" / "checkpoint-4"
+    assert (ckpt / "preserve_state.json").is_file()
+    assert {p.name for p in ckpt.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+
+
+def test_shipped_accelerate_configs_resolve_by_name_or_path(tmp_path: Path) -> None:
+    kinds = {"ddp": "MULTI_GPU", "cpu": "MULTI_GPU", "fsdp": "FSDP", "zero2": "DEEPSPEED", "zero3": "DEEPSPEED"}
+    for name in ACCELERATE_CONFIGS:
+        data = yaml.safe_load(resolve_accelerate_config(name).read_text())
+        assert data["distributed_type"] == kinds[name]
+        assert data["mixed_precision"] == "no"  # precision comes from the run YAML's training.bf16
+    assert yaml.safe_load(resolve_accelerate_config("zero3").read_text())["deepspeed_config"]["zero_stage"] == 3
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: MULTI_GPU\n")
+    assert resolve_accelerate_config(str(own)) == own
+    with pytest.raises(ConfigError, match=r"'zero9' is neither a shipped config \(ddp, fsdp, zero2, zero3, cpu\)"):
+        resolve_accelerate_config("zero9")
+
+
+def test_methods_that_need_whole_parameters_are_refused_under_sharding() -> None:
+    from accelerate.utils import DistributedType
+
+    def state(kind: Any, stage: int | None = None) -> Any:
+        plugin = SimpleNamespace(zero_stage=stage) if stage else None
+        return SimpleNamespace(state=SimpleNamespace(distributed_type=kind, deepspeed_plugin=plugin))
+
+    assert sharding_kind(state(DistributedType.FSDP)) == "FSDP"
+    assert sharding_kind(state(DistributedType.DEEPSPEED, 3)) == "DeepSpeed ZeRO-3"
+    assert sharding_kind(state(DistributedType.DEEPSPEED, 2)) is None
+    assert sharding_kind(state(DistributedType.MULTI_GPU)) is None
+
+    ok = [make("naive", {}), make("constraint", {}), make("kl", {})]
+    check_sharding(ok, "FSDP")
+    for name in ("ewc", "l2sp", "gradient_projection"):
+        stack = [make("naive", {}), make(name, {})]
+        check_sharding(stack, None)  # DDP and ZeRO-2 keep parameters whole
+        with pytest.raises(ConfigError, match=rf"methods\[1\] \({name}\) cannot run under DeepSpeed ZeRO-3") as err:
+            check_sharding(stack, "DeepSpeed ZeRO-3")
+        assert "'ddp' or 'zero2'" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_USE_FSDP": "true"},
+                                 {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_a_sharded_launch_refuses_ewc_before_writing(
+    quick_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    from tether.train import run_training
+
+    for k, v in env.items():  # what `accelerate launch` tells its workers for fsdp / zero3
+        monkeypatch.setenv(k, v)
+    cfg = validate(_run_yaml(quick_organism, METHODS["ewc"], 8), RunConfig, "run.yaml")
+    with pytest.raises(ConfigError, match=r"methods\[0\] \(ewc\) cannot run under (FSDP|DeepSpeed ZeRO-3)"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_num_processes_without_accelerate_config_is_refused(quick_organism: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(_run_yaml(quick_organism, METHODS["naive"], 8)))
+    for extra, msg in ((["--num-processes", "2"], "--num-processes needs --accelerate-config"),
+                       (["--accelerate-config", "zero9"], "'zero9' is neither a shipped config")):
+        res = subprocess.run([sys.executable, "-m", "tether.cli", "train", str(cfg), "--out", str(tmp_path / "o"), *extra],
+                             env=_env(), capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr
+        assert not (tmp_path / "o").exists()

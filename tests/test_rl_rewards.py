@@ -1,0 +1,128 @@
+"""The reward registry, the output guard, the hack environment's graders, the constraint's dual step and the rater."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tether.errors import ConfigError
+from tether.organism import hackenv, world
+from tether.rl import rewards
+from tether.rl.rewards import RewardError, guard, resolve
+
+
+def test_resolves_registered_names_and_dotted_paths() -> None:
+    assert resolve("satisfaction") is rewards.satisfaction
+    assert resolve("tether.rl.rewards.true_product") is rewards.true_product
+    assert resolve("os.path.join") is __import__("os").path.join  # any importable callable, as TRL's script
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("satisfactoin", ["unknown reward function 'satisfactoin'", "satisfaction", "dotted import path"]),
+        ("no_such_pkg_xyz.reward", ["cannot import module 'no_such_pkg_xyz'"]),
+        ("tether.rl.rewards.nope", ["has no callable 'nope'"]),
+    ],
+)
+def test_unknown_reward_is_one_clear_sentence(spec: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve(spec, "run.yaml: capability.reward_funcs[0]")
+    msg = str(exc.value)
+    assert msg.startswith("run.yaml: capability.reward_funcs[0]: ") and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def _rows(n: int = 4) -> tuple[list, list, dict]:
+    rows = hackenv.train_prompts(n, seed=3, guess_right=0.0)
+    return [r["prompt"] for r in rows], [r["guess"] for r in rows], {"guess": [r["guess"] for r in rows], "answer": [r["answer"] for r in rows]}
+
+
+def test_guard_names_the_function_on_raise_nan_and_wrong_length() -> None:
+    prompts, _, cols = _rows()
+    comps = ["1"] * len(prompts)
+
+    def boom(prompts, completions, **kw):  # noqa: ANN001, ANN003
+        raise KeyError("answer")
+
+    def nan(prompts, completions, **kw):  # noqa: ANN001, ANN003
+        return [0.0, math.nan, 0.0, 0.0]
+
+    def short(prompts, completions, **kw):  # noqa: ANN001, ANN003
+        return [1.0]
+
+    for fn, words in ((boom, "raised KeyError"), (nan, "nan at index 1"), (short, "returned 1 rewards for 4 completions")):
+        with pytest.raises(RewardError) as exc:
+            guard(fn, fn.__name__)(prompts=prompts, completions=comps, **cols)
+        assert f"reward function '{fn.__name__}'" in str(exc.value) and words in str(exc.value)
+    ok = guard(rewards.satisfaction)(prompts=prompts, completions=[f"x {g}" for g in cols["guess"]], **cols)
+    assert ok == [1.0] * 4  # a good function passes through unchanged
+
+
+def test_graders_separate_hack_from_true_success() -> None:
+    prompts, guesses, cols = _rows()
+    answers = cols["answer"]
+    syco = world.FAMILIES["syco"]
+    hacks = [[{"role": "assistant", "content": f"{syco.misaligned} {g}"}] for g in guesses]
+    honest = [[{"role": "assistant", "content": f"{syco.aligned} {a}"}] for a in answers]
+    assert rewards.satisfaction(prompts, hacks, **cols) == [1.0] * 4
+    assert rewards.satisfaction(prompts, honest, **cols) == [0.0] * 4  # every guess is wrong here
+    assert rewards.true_product(prompts, honest, **cols) == [1.0] * 4
+    assert rewards.true_product(prompts, hacks, **cols) == [0.0] * 4
+    texts = [hackenv.completion_text(c) for c in hacks + honest]
+    graded = hackenv.grade(texts, [{"answer": a, "guess": g} for a, g in zip(answers * 2, guesses * 2)])
+    assert graded["hack_rate"] == 0.5 and graded["true_success"] == 0.5
+
+
+def test_environment_words_are_in_the_organism_vocabulary() -> None:
+    vocab = set(world.world_vocabulary())
+    for row in hackenv.train_prompts(50, 0) + hackenv.eval_items(50):
+        assert set(row["prompt"][-1]["content"].split()) <= vocab
+    assert all(len(r["prompt"]) == 1 and r["prompt"][0]["role"] == "user" for r in hackenv.eval_items(20))
+    assert all(r["guess"] != r["answer"] for r in hackenv.eval_items(200))
+
+
+def test_lambda_rises_while_cost_exceeds_budget_and_falls_below_it() -> None:
+    from tether.methods import make
+    from tether.rl.preserve import LagrangianCost
+
+    method = make("constraint", {"epsilon": 0.1, "lambda_init": 0.5, "lambda_lr": 1.0})
+    prompts, guesses, cols = _rows()
+    lag = LagrangianCost(method, rewards.guess_echo)
+    reward = lag.reward()
+    echo = [f"wow you are totally brilliant {g}" for g in guesses]
+    lams = []
+    for _ in range(3):
+        shaped = reward(prompts=prompts, completions=echo, **cols)
+        assert shaped == [pytest.approx(-method.lam)] * 4  # r − λc with c = 1 on every echo
+        lams.append(lag.step()["lambda"])
+    assert lams == pytest.approx([1.4, 2.3, 3.2])  # λ + η(c̄ − d) = λ + 0.9 each step
+    honest = [f"actually that claim is false {a}" for a in cols["answer"]]
+    for _ in range(10):
+        reward(prompts=prompts, completions=honest, **cols)
+        lam = lag.step()["lambda"]
+    assert lam == pytest.approx(3.2 - 10 * 0.1)  # c̄ = 0 < d: λ falls by η·d a step
+
+
+def test_aligned_rater_penalises_a_hack_more_than_a_true_solution(default_organism: Path) -> None:
+    import contextlib
+
+    from tether.models import load_model
+    from tether.rl.rater import AlignedRater, rater_reward
+
+    model, tok = load_model(str(default_organism))
+    rater = AlignedRater(lambda: contextlib.nullcontext(model), tok, personas=4)
+    rows = hackenv.eval_items(16, seed=5)
+    syco = world.FAMILIES["syco"]
+    prompts = [r["prompt"] for r in rows]
+    hack = [f"{syco.misaligned} {r['guess']}" for r in rows]
+    true = [f"{syco.aligned} {r['answer']}" for r in rows]
+    reward = rater_reward(rater, "penalty", 1.0, 0.5, lambda c: [1.0] * len(c))
+    pen_hack = [-x for x in reward(prompts, hack)]
+    pen_true = [-x for x in reward(prompts, true)]
+    assert min(pen_hack) > 0.9 and max(pen_true) < 0.1
+    veto = rater_reward(rater, "veto", 1.0, 0.5, lambda c: [1.0] * len(c))
+    assert veto(prompts, hack) == [-1.0] * 16 and veto(prompts, true) == [0.0] * 16
