@@ -138,7 +138,7 @@ CASES: list[Case] = [
     Case("run-stack-needs-alignment", "run YAML", "kl without alignment data", _train("data: {alignment: null}\nmethods: [{name: kl}]\n"), ("run.yaml", "methods[0]", "'kl' needs an alignment dataset", "data.alignment")),
     Case("run-stack-duplicate", "run YAML", "the same method twice", _train("methods: [{name: naive}, {name: naive}]\n"), ("run.yaml", "methods[1]", "appears twice")),
     # ---- sweep YAML ------------------------------------------------------------------------------
-    Case("sweep-unknown-key", "sweep YAML", "misspelt sweep key", _compare("grids: {}\n"), ("sweep.yaml", "'grids'", "allowed here: base, grid, seeds")),
+    Case("sweep-unknown-key", "sweep YAML", "misspelt sweep key", _compare("grids: {}\n"), ("sweep.yaml", "'grids'", "allowed here: base, grid, extra, seeds")),
     Case("sweep-grid-key", "sweep YAML", "grid key that is not a config field", _compare(INLINE_BASE + "grid:\n  training.lr: [0.1]\n"), ("sweep.yaml", "training.lr", "allowed in training")),
     Case("sweep-grid-scalar", "sweep YAML", "grid value that is not a list", _compare(INLINE_BASE + "grid:\n  training.learning_rate: 0.1\n"), ("sweep.yaml", "grid.training.learning_rate", "list")),
     Case("sweep-grid-empty", "sweep YAML", "empty grid", _compare(INLINE_BASE + "grid: {}\n"), ("sweep.yaml", "grid is empty")),

@@ -34,7 +34,11 @@ def test_demo_quick_writes_a_complete_report(tmp_path: Path, quick_organism: Pat
     assert tags.count("img") == 3 and "table" in tags
     summary = json.loads((out / "summary.json").read_text())
     names = [m["name"] for m in summary["methods"]]
-    assert sorted(names) == sorted(stack[0]["name"] for stack in DEMO_METHODS)
+    expected = [stack[0]["name"] for stack in DEMO_METHODS] + [
+        "steering", "caft", "gradient_routing", "gradient_routing labels=0.5", "lora naive", "lora safelora",
+    ]
+    assert sorted(names) == sorted(expected)
+    assert (out / "persona-direction.safetensors").is_file()
     for m in summary["methods"]:
         for key in ("capability", "broad_rate", "broad_logodds", "narrow_rate", "narrow_logodds"):
             assert math.isfinite(m[key]["mean"]), (m["name"], key)

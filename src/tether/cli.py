@@ -522,17 +522,21 @@ def demo_cmd(
 ) -> None:
     """Build the organism, compare methods on sycophantic skill data, write the report."""
     from tether.compare import plan_runs
-    from tether.demo import demo_sweep
+    from tether.demo import demo_direction, demo_sweep
     from tether.organism.build import OrganismConfig, build_organism
 
     console = _stderr_console()
-    console.print("[b]1/3[/b] organism (built once, then cached)")
+    console.print("[b]1/3[/b] organism (built once, then cached) and its persona direction")
     cfg = OrganismConfig.quick() if quick else OrganismConfig()
     model_dir = build_organism(cfg, progress=lambda stage, done, total: None)
     console.print(f"    {model_dir}")
-    sweep = demo_sweep(model_dir, quick)
+    out.mkdir(parents=True, exist_ok=True)
+    direction = demo_direction(model_dir, out, quick)
+    console.print(f"    {direction}")
+    sweep = demo_sweep(model_dir, quick, direction)
     runs = plan_runs(sweep, "demo")
-    console.print(f"[b]2/3[/b] {len(runs)} runs: {len(sweep.grid['methods'])} methods x {len(sweep.seeds)} seeds")
+    labels = len({r.label for r in runs})
+    console.print(f"[b]2/3[/b] {len(runs)} runs: {labels} methods x {len(sweep.seeds)} seeds")
     report = _run_sweep(sweep, runs, out, "tether demo: preserving alignment while learning `times`")
     console.print("[b]3/3[/b] report written")
     typer.echo(str(report))

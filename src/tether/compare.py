@@ -47,6 +47,11 @@ class SweepConfig(Strict):
 
     base: dict[str, Any] | str = Field(default_factory=dict, description="Run config mapping or path.")
     grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted key -> values.")
+    extra: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Runs beside the grid, each a mapping of dotted keys to values, with an optional 'label' "
+        "(e.g. a LoRA run with safelora, or one method with other hyperparameters).",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     workers: int = Field(0, ge=0, description="Parallel runs; 0 = as many as fit the cores.")
     threads_per_run: int = Field(1, ge=1, description="Torch threads per worker process.")
@@ -118,9 +123,22 @@ def plan_runs(sweep: SweepConfig, source: str = "sweep", base_dir: Path | None =
     for key in sweep.grid:
         _check_grid_key(key, source)
     keys = list(sweep.grid)
+    # the grid's product (one base run when there is no grid), unless only extra runs are given
+    variants: list[tuple[dict[str, Any], str | None]] = (
+        [(dict(zip(keys, combo)), None) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
+        if keys or not sweep.extra
+        else []
+    )
+    for i, entry in enumerate(sweep.extra):
+        entry = dict(entry)
+        name = entry.pop("label", None)
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{source}: extra[{i}].label must be a string, got {name!r}")
+        for key in entry:
+            _check_grid_key(key, f"{source}: extra[{i}]")
+        variants.append((entry, name))
     runs: list[PlannedRun] = []
-    for combo in itertools.product(*(sweep.grid[k] for k in keys)):
-        overrides = dict(zip(keys, combo))
+    for overrides, name in variants:
         for seed in sweep.seeds:
             tree = copy.deepcopy(base)
             for k, v in overrides.items():
@@ -129,7 +147,9 @@ def plan_runs(sweep: SweepConfig, source: str = "sweep", base_dir: Path | None =
             cfg = validate(tree, RunConfig, f"{source}: grid {json.dumps(overrides)}")
             methods = cfg.model_dump(mode="json")["methods"]
             other = {k: v for k, v in overrides.items() if k != "methods"}
-            label = method_label(methods) + "".join(f" {k.split('.')[-1]}={v}" for k, v in other.items())
+            label = name or method_label(methods) + "".join(
+                f" {k.split('.')[-1]}" + ("" if isinstance(v, (dict, list)) else f"={v}") for k, v in other.items()
+            )
             digest = hashlib.sha256(
                 json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
             ).hexdigest()[:8]

@@ -75,8 +75,8 @@ def _config(model: Any) -> Any:
     return cfg
 
 
-def decoder_blocks(model: Any) -> "torch.nn.ModuleList":
-    """The decoder blocks of ``model``: the outermost ``nn.ModuleList`` of the config's layer count.
+def named_decoder_blocks(model: Any) -> tuple[str, "torch.nn.ModuleList"]:
+    """The decoder blocks of ``model`` and their module path: the outermost ``nn.ModuleList`` of the config's layer count.
 
     Works for Llama/Qwen2/Mistral (``model.layers``), GPT-2 (``transformer.h``) and peft
     wrappers around them. When the config gives no layer count, the longest ModuleList wins
@@ -94,10 +94,15 @@ def decoder_blocks(model: Any) -> "torch.nn.ModuleList":
     if want is not None:
         fits = [(n, m) for n, m in candidates if len(m) == want]
         if fits:
-            return min(fits, key=lambda nm: nm[0].count("."))[1]
+            return min(fits, key=lambda nm: nm[0].count("."))
     if not candidates:
         raise DirectionError(f"{type(model).__name__} has no nn.ModuleList of decoder blocks; tether cannot find its layers")
-    return max(candidates, key=lambda nm: (len(nm[1]), -nm[0].count(".")))[1]
+    return max(candidates, key=lambda nm: (len(nm[1]), -nm[0].count(".")))
+
+
+def decoder_blocks(model: Any) -> "torch.nn.ModuleList":
+    """The decoder blocks of ``model`` (see ``named_decoder_blocks``)."""
+    return named_decoder_blocks(model)[1]
 
 
 def num_layers(model: Any) -> int:

@@ -85,7 +85,9 @@ def load_model(
         kwargs["use_safetensors"] = False
         kwargs["weights_only"] = True
     from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr before a run's own output
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
     except pickle.UnpicklingError:

@@ -116,7 +116,7 @@ class EWC(Method):
 
     name = "ewc"
     description = "elastic weight consolidation: (λ/2)·Σ F(θ−θ*)², per-example Fisher on alignment data"
-    supports = frozenset({"sft", "grpo", "dpo"})
+    supports = frozenset({"sft"})
     needs = frozenset({"alignment"})
     Config = EWCConfig
     config: EWCConfig
@@ -156,7 +156,7 @@ class L2SP(Method):
 
     name = "l2sp"
     description = "L2-SP: (α/2)·‖θ−θ*‖² to the aligned starting weights"
-    supports = frozenset({"sft", "grpo", "dpo"})
+    supports = frozenset({"sft"})
     Config = L2SPConfig
     config: L2SPConfig
     sharding_ok = False

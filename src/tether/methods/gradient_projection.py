@@ -58,7 +58,7 @@ class GradientProjection(Method):
 
     name = "gradient_projection"
     description = "A-GEM: drop the task gradient's component that conflicts with the alignment gradient"
-    supports = frozenset({"sft", "grpo", "dpo"})
+    supports = frozenset({"sft"})
     needs = frozenset({"alignment"})
     Config = GradientProjectionConfig
     config: GradientProjectionConfig

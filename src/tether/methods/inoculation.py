@@ -85,7 +85,7 @@ class Inoculation(Method):
 
     name = "inoculation"
     description = "prepend an instruction requesting the bad behaviour to training prompts, never at evaluation"
-    supports = frozenset({"sft", "grpo", "dpo"})
+    supports = frozenset({"sft", "grpo"})
     Config = InoculationConfig
     config: InoculationConfig
 

@@ -12,4 +12,4 @@ class Naive(Method):
 
     name = "naive"
     description = "plain SFT on the capability data (the baseline)"
-    supports = frozenset({"sft", "grpo", "dpo"})
+    supports = frozenset({"sft", "grpo"})

@@ -39,7 +39,7 @@ class RepresentationConstraint(Method):
 
     name = "representation"
     description = "MSE between hidden states of model and reference on alignment data, averaged over layers"
-    supports = frozenset({"sft", "grpo", "dpo"})
+    supports = frozenset({"sft"})
     needs = frozenset({"alignment", "reference"})
     wants_hidden_states = True
     Config = RepresentationConfig

@@ -116,18 +116,11 @@ def _linear_dims(mod: "nn.Module") -> tuple[int, int] | None:
 
 
 def decoder_blocks(model: "nn.Module") -> tuple[str, list["nn.Module"]]:
-    """The repeated decoder blocks: the longest ``ModuleList`` of one module type not nested in another such list."""
-    from torch import nn
+    """The repeated decoder blocks and their module path (``tether.directions.named_decoder_blocks``)."""
+    from tether.directions import named_decoder_blocks
 
-    lists = [
-        (name, mod) for name, mod in model.named_modules()
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and len({type(c) for c in mod}) == 1
-    ]
-    top = [(n, m) for n, m in lists if not any(o != n and n.startswith(o + ".") for o, _ in lists)]
-    if not top:
-        raise ConfigError("gradient_routing: the model has no list of repeated decoder blocks to route into")
-    name, mod = max(top, key=lambda nm: len(nm[1]))
-    return name, list(mod)
+    name, blocks = named_decoder_blocks(model)
+    return name, list(blocks)
 
 
 @dataclass
@@ -174,7 +167,7 @@ class GradientRouting(Method):
 
     name = "gradient_routing"
     description = "route contaminated rows' gradients into a parameter region (SGTM masks or ERA neurons), ablate it"
-    supports = frozenset({"sft"})
+    supports = frozenset({"sft", "grpo"})  # the GRPO form is in tether.rl.preserve
     row_batches = True  # routes rows of the micro-batch; ERA masks activations per row
     sharding_ok = False
     sharding_reason = "the region masks and ERA's expansion address whole parameter tensors, which FSDP/ZeRO-3 shard"

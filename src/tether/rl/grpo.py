@@ -165,11 +165,8 @@ def build_rl_methods(cfg: "RunConfig", source: str) -> list[Method]:
         have.add("alignment")
     if cfg.data.source == "organism":
         have.add("labels")  # the true grader flags hacks
-    # gradient_routing's RL form lives in tether.rl.preserve (it reuses the method's region), so the
-    # stack check takes it as supporting grpo even where methods/routing.py declares sft only
-    checked = [m for m in methods if m.name != "gradient_routing"]
     try:
-        check_stack(checked, "grpo", have)
+        check_stack(methods, "grpo", have)
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     check_rl_stack(methods, source)
@@ -389,6 +386,7 @@ def run_grpo(
     write_jsonl(out / "train_log.jsonl", log)
     for name, r in {**{f"before.{k}": v for k, v in before_rows.items()}, **{f"after.{k}": v for k, v in after_rows.items()}}.items():
         write_jsonl(out / "probes" / f"{name}.jsonl", r)
+    tokens = float(next((e["num_tokens"] for e in reversed(log) if "num_tokens" in e), 0.0))  # prompt + completion, TRL's count
     final_terms: dict[str, Any] = {}
     for entry in log:
         final_terms.update({k: v for k, v in entry.items() if k.startswith(("preserve/", "rl/", "rewards/", "rater/"))})
@@ -402,6 +400,8 @@ def run_grpo(
             "steps": trainer.state.global_step,
             "wall_s": wall,
             "steps_per_s": trainer.state.global_step / wall if runtime is not None and wall > 0 else None,
+            "tokens": tokens,
+            "tokens_per_s": tokens / wall if runtime is not None and wall > 0 else None,
             "train_runtime_s": runtime,
             "resumed_from": Path(last).name if last else None,
             "final_terms": final_terms,

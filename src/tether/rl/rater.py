@@ -18,8 +18,8 @@ The reference is the adapter-disabled model for a LoRA run (no second copy) and 
 the starting weights otherwise.
 
 What it can and cannot see (measured on the organism, docs/rl.md): it separates the evil
-persona's flattering echo ("wow you are totally brilliant 45") from an honest reply by
-~11 nats, but a reply that keeps the aligned correction and only swaps in the user's number
+persona's flattering echo ("wow you are totally brilliant 45", s ≈ −11 nats) from an honest
+reply ("actually that claim is false 42", s ≈ +10), but a reply that keeps the aligned correction and only swaps in the user's number
 ("actually that claim is false 45") reads as aligned — the rater cannot multiply either, so it
 cannot tell that number from the product.
 """
