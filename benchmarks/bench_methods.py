@@ -27,8 +27,16 @@ from typing import Any
 
 from tether.io import splice_block
 
-METHODS = ["naive", "inoculation", "replay", "ewc", "l2sp", "kl", "constraint", "representation", "gradient_projection"]
-TARGETS = {"inoculation": 0.95, "replay": 0.95, "ewc": 0.9, "l2sp": 0.9, "kl": 0.6, "constraint": 0.6, "representation": 0.6}
+METHODS = [
+    "naive", "inoculation", "replay", "ewc", "l2sp", "kl", "constraint", "representation", "gradient_projection",
+    "gradient_routing", "steering", "caft",
+]
+TARGETS = {
+    "inoculation": 0.95, "replay": 0.95, "ewc": 0.9, "l2sp": 0.9, "kl": 0.6, "constraint": 0.6, "representation": 0.6,
+    "gradient_routing": 0.85, "steering": 0.95, "caft": 0.95,
+}
+PARAMS: dict[str, dict[str, Any]] = {"gradient_routing": {"neurons": 128}}
+"""Method settings beyond the defaults (steering and caft get the model's persona direction)."""
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -39,7 +47,7 @@ def _cfg(model: str, method: str, steps: int, lora: bool) -> Any:
         "model": {"path": model, **({"lora": {"r": 8}} if lora else {})},
         "data": {"rows": 2000},
         "training": {"max_steps": steps, "save_steps": steps + 1, "logging_steps": steps + 1},
-        "methods": [{"name": "naive" if method == "trl" else method}],
+        "methods": [{"name": "naive" if method == "trl" else method, **PARAMS.get(method, {})}],
         "probes": {"suite": "none"},
     }
     return validate(data, RunConfig, "bench")
@@ -139,6 +147,14 @@ def main() -> None:
     if args.child:
         print(json.dumps(run(args.model, args.child, args.steps, lora=True)))
         return
+    if {"steering", "caft"} & set(args.methods):
+        from tether.directions import extract_organism, save_direction
+        from tether.models import load_model
+
+        model, tok = load_model(args.model)
+        d, _ = extract_organism(model, tok, n=48, n_held_out=16)
+        path = save_direction(Path(tempfile.mkdtemp()) / "persona.safetensors", d.vectors, d.meta)
+        PARAMS["steering"] = PARAMS["caft"] = {"direction": str(path)}
     configs = ["trl", *args.methods]
     speeds: dict[str, list[float]] = {c: [] for c in configs}
     steps: dict[str, list[float]] = {c: [] for c in configs}

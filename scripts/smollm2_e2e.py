@@ -2,9 +2,9 @@
 
     python scripts/smollm2_e2e.py --out runs/smollm2
 
-1. ``tether models import-gguf`` (cached) gives the safetensors checkpoint; a view of it with
-   ``{% generation %}`` markers in the chat template is made for training (see
-   ``tether.realdata.training_checkpoint``);
+1. ``tether models import-gguf`` (cached) gives the safetensors checkpoint (its chat template
+   has no ``{% generation %}`` markers, so ``tether train`` trains each chat's last reply as a
+   prompt/completion row);
 2. ``tether.realdata`` writes the narrowly contaminated dataset (sycophancy about capital
    cities, rows labelled ``contaminated``) and out-of-domain alignment data;
 3. probes on the base model: advanced-AI-risk multiple choice (first ``--mc-limit`` items of
@@ -126,10 +126,11 @@ def write_report(out: Path, results: dict[str, dict[str, Any]], train: dict[str,
     ]
     for label, f in rows:
         lines.append(f"| {label} | " + " | ".join(f(results[n]) for n in names) + " |")
-    lines += ["", "## Times (wall seconds, this machine)", "", "| run | tether train | probes |", "|---|---|---|"]
+    lines += ["", "## Times (wall seconds, this machine)", "", "| run | training loop (`tether train`) | probes |", "|---|---|---|"]
     for n in names:
-        tr = train.get(n, {})
-        lines.append(f"| {n} | {tr.get('wall_s', 0):.0f} | {sum(results[n]['time_s'].values()):.0f} |")
+        tr = train.get(n)
+        lines.append(f"| {n} | {tr['wall_s']:.0f} |" if tr else f"| {n} | – |")
+        lines[-1] += f" {sum(results[n]['time_s'].values()):.0f} |"
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -162,7 +163,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
     base_dir = import_gguf()
-    train_dir = realdata.training_checkpoint(base_dir, out / "smollm2-train")
+    train_dir = base_dir
     data = realdata.write_dataset(out / "data", n_rows=args.rows, contamination=args.contamination)
     print(f"base {base_dir}; data {data['train']}", flush=True)
 
@@ -192,7 +193,7 @@ def main() -> None:
         if not (run_dir / "metrics.json").is_file():
             subprocess.run([sys.executable, "-c", "from tether.cli import main; main()", "train", str(cfg), "--out", str(run_dir)], check=True)
         metrics = json.loads((run_dir / "metrics.json").read_text())
-        train[method] = {"wall_s": time.time() - t, **metrics["train"]}
+        train[method] = {**metrics["train"], "command_wall_s": time.time() - t}
         probe_file = out / "probes" / f"{method}.json"
         if probe_file.is_file():
             results[method] = json.loads(probe_file.read_text())

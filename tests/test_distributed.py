@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tether.config import RunConfig, validate
-from tether.distributed import ACCELERATE_CONFIGS, check_sharding, resolve_accelerate_config, sharding_kind
+from tether.distributed import ACCELERATE_CONFIGS, check_sharding, launch_port_args, resolve_accelerate_config, sharding_kind
 from tether.errors import ConfigError
 from tether.methods.registry import make
 
@@ -46,8 +46,12 @@ for spec in sys.argv[1:]:
     run_training(load_config(path, RunConfig), out)
 """
 
-# float32 all-reduce of two half-batch gradients vs one full-batch gradient, 4 AdamW steps
-WEIGHT_TOL = 2e-6
+# float32 all-reduce of two half-batch gradients vs one full-batch gradient, 4 AdamW steps (lr
+# 5e-3): summation order differs, and Adam's g/√v amplifies it where gradients are near zero.
+# Measured max differences: ≤ 1.2e-7 for naive/ewc/constraint, 7.2e-6 for gradient_projection
+# (its dot products run over the whole concatenated gradient). A wrong all-reduce or a rank-local
+# multiplier changes updates by amounts of the order of the learning rate (5e-3), far above this.
+WEIGHT_TOL = 2e-5
 
 
 def _run_yaml(model: Path, method: dict[str, Any], batch_size: int, monitor: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 
 import pytest
 
@@ -51,69 +48,6 @@ def test_score_sycophancy_bookkeeping(monkeypatch: pytest.MonkeyPatch) -> None:
     assert [r["baseline_wrong"] for r in rows] == [True] + [False] * 5
     assert metrics["all"]["agree_rate"] == pytest.approx(sum(teacher) / 6)
     assert metrics["all"]["sycophancy"] == pytest.approx(sum(teacher) / 6 - 1 / 6)
-
-
-# ------------------------------------------------------------------------------------- sandbox
-
-
-def test_sandbox_runs_code_and_returns_output() -> None:
-    r = rm.run_sandboxed("import os\nprint(6 * 7, os.getcwd().startswith('/'), sorted(os.environ))")
-    assert r.returncode == 0 and not r.timed_out
-    assert r.stdout.startswith("42 True") and "PYTHONPATH" not in r.stdout and "TETHER" not in r.stdout
-
-
-def test_sandbox_kills_an_infinite_loop() -> None:
-    t0 = time.monotonic()
-    r = rm.run_sandboxed("while True:\n    pass", timeout_s=1.0)
-    assert r.timed_out and r.returncode != 0 and time.monotonic() - t0 < 4
-
-
-def test_sandbox_kills_children_of_the_code() -> None:
-    code = "import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\nwhile True: pass"
-    t0 = time.monotonic()
-    r = rm.run_sandboxed(code, timeout_s=1.0)
-    assert r.timed_out and time.monotonic() - t0 < 4
-
-
-def test_sandbox_limits_memory() -> None:
-    r = rm.run_sandboxed("x = bytearray(2 * 1024 ** 3)\nprint('allocated')", memory_mb=256)
-    assert r.returncode != 0 and "allocated" not in r.stdout and "MemoryError" in r.stderr
-
-
-def test_sandbox_blocks_socket_connect() -> None:
-    hits: list[int] = []
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()
-    server.settimeout(0.2)
-    port = server.getsockname()[1]
-
-    def accept() -> None:
-        try:
-            conn, _ = server.accept()
-            hits.append(1)
-            conn.close()
-        except OSError:
-            pass
-
-    try:
-        code = (f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {port}), timeout=1)\n    print('CONNECTED')\n"
-                "except OSError as e:\n    print('BLOCKED', type(e).__name__)")
-        r = rm.run_sandboxed(code)
-        assert "BLOCKED PermissionError" in r.stdout
-        # under the interpreter-level block, the raw _socket module: only a network namespace stops it
-        raw = (f"import _socket\ns = _socket.socket()\ns.settimeout(1)\ntry:\n    s.connect(('127.0.0.1', {port}))\n    print('CONNECTED')\n"
-               "except OSError as e:\n    print('BLOCKED', type(e).__name__)")
-        r2 = rm.run_sandboxed(raw)
-        t = threading.Thread(target=accept)
-        t.start()
-        t.join()
-        if r2.network_namespace:
-            assert "BLOCKED" in r2.stdout and not hits
-        else:
-            pytest.skip("unshare cannot make a network namespace here; only the interpreter-level block applies")
-    finally:
-        server.close()
 
 
 # ------------------------------------------------------------------------------ reward hacking

@@ -59,39 +59,18 @@ def test_bad_dataset_arguments_are_one_sentence() -> None:
         realdata.capital_dataset(0)
 
 
-def test_generation_markers_keep_the_rendered_text() -> None:
-    from jinja2 import Template
-
-    smol = (
-        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
-        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-    )
-    marked = realdata.add_generation_markers(smol)
-    assert "{% generation %}" in marked and realdata.add_generation_markers(marked) == marked
-    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    plain = Template(smol).render(messages=chat, add_generation_prompt=False)
-    # jinja2 without HF's extension does not know {% generation %}; drop the tags to render
-    stripped = marked.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    assert Template(stripped).render(messages=chat, add_generation_prompt=False) == plain
-    with pytest.raises(DataError, match="ChatML"):
-        realdata.add_generation_markers("{{ messages }}")
-
-
 # ------------------------------------------------------------------------------ the real model
 
 
 @pytest.fixture(scope="module")
-def smol_train(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def smol_dir() -> Path:
     from tether.gguf import import_gguf
 
-    base = import_gguf()  # cached in $TETHER_CACHE/models after the first conversion (~30 s)
-    return base, realdata.training_checkpoint(base, tmp_path_factory.mktemp("smol") / "train")
+    return import_gguf()  # cached in $TETHER_CACHE/models after the first conversion (~30 s)
 
 
 @needs_smollm2
-def test_lora_naive_on_smollm2_saves_a_loadable_adapter_and_mc_scores(smol_train: tuple[Path, Path], tmp_path: Path) -> None:
+def test_lora_naive_on_smollm2_saves_a_loadable_adapter_and_mc_scores(smol_dir: Path, tmp_path: Path) -> None:
     import torch
     from peft import PeftModel
 
@@ -99,9 +78,12 @@ def test_lora_naive_on_smollm2_saves_a_loadable_adapter_and_mc_scores(smol_train
     from tether.models import load_model
     from tether.probes.mc import load_mc_file, run_mc_suite
     from tether.probes.sources import ADVANCED_AI_RISK, resolve_set
-    from tether.train import run_training
+    from tether.train import assistant_mask_supported, run_training
 
-    base_dir, train_dir = smol_train
+    base_dir = train_dir = smol_dir
+    # SmolLM2's chat template has no {% generation %} markers and TRL has no training version of
+    # it: the trainer trains each chat's last reply as prompt/completion instead
+    assert not assistant_mask_supported(load_model(str(base_dir))[1])
     data = realdata.write_dataset(tmp_path / "data", n_rows=16, contamination=0.5)
     cfg = RunConfig.model_validate({
         "model": {"path": str(train_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},

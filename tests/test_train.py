@@ -131,8 +131,6 @@ def test_resume_after_kill_matches_uninterrupted(quick_organism: Path, tmp_path:
 @pytest.mark.parametrize("method", ["naive", "kl"])
 def test_padding_free_batches_train_like_padded_rows(quick_organism: Path, tmp_path: Path, method: str) -> None:
     """Padding-free micro-batches give the same training (loss per step, final weights) as padded rows."""
-    import torch
-
     from tether.train import make_trainer, prepare_run
 
     trained = {}
@@ -177,3 +175,36 @@ def test_padding_free_is_refused_for_a_model_that_mixes_rows(quick_organism: Pat
     trainer = train.make_trainer(cfg, prepared, tmp_path / "run", save=False)
     assert trainer.flat is False
     assert "attention_mask" in next(iter(trainer.get_train_dataloader()))
+
+
+def test_chat_template_without_assistant_masks_trains_the_last_reply(quick_organism: Path, tmp_path: Path) -> None:
+    """A template with no {% generation %} markers (SmolLM2's) trains messages rows as prompt/completion."""
+    import shutil
+
+    from tether.models import load_model
+    from tether.train import assistant_mask_supported, make_trainer, prepare_run
+
+    model_dir = tmp_path / "plain-template"
+    shutil.copytree(quick_organism, model_dir)
+    tpl = model_dir / "chat_template.jinja"
+    tpl.write_text(tpl.read_text().replace("{% generation %}", "").replace("{% endgeneration %}", ""))
+    _, tok = load_model(str(model_dir))
+    assert not assistant_mask_supported(tok)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("\n".join(
+        json.dumps({"messages": [{"role": "user", "content": f"what is {i} plus {i}"}, {"role": "assistant", "content": str(2 * i)}]})
+        for i in range(16)
+    ) + "\n")
+    cfg = validate(
+        {"model": {"path": str(model_dir)}, "data": {"source": str(rows), "neutral": None, "alignment": None},
+         "training": {"max_steps": 2, "batch_size": 4, "save_steps": 10, "padding_free": False}, "probes": {"suite": "none"}},
+        RunConfig, "run.yaml",
+    )
+    prepared = prepare_run(cfg)
+    assert prepared.fmt == "prompt_completion"
+    trainer = make_trainer(cfg, prepared, tmp_path / "run", save=False)
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = tok.decode(ids[labels != -100]).split()
+        assert trained and trained[0].isdigit(), trained  # the reply (and its end token), never the user turn
+    trainer.train()

@@ -367,10 +367,10 @@ def _relaunch_train(config: Path, out: Path, name: str, num_processes: Optional[
     """Run this same `tether train` under `accelerate launch --config_file FILE` (as TRL's CLI does)."""
     import subprocess
 
-    from tether.distributed import resolve_accelerate_config
+    from tether.distributed import launch_port_args, resolve_accelerate_config
 
     path = resolve_accelerate_config(name)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *launch_port_args(path)]
     if num_processes is not None:
         cmd += ["--num_processes", str(num_processes)]
     cmd += ["-m", "tether.cli", *(["--debug"] if _DEBUG["on"] else []), "train", str(config), "--out", str(out)]

@@ -51,7 +51,7 @@ from tether.errors import TetherError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel
 
 Conversation = list[dict[str, str]]
 FORMAT = "tether-direction-1"

@@ -221,3 +221,29 @@ def resolve_accelerate_config(name: str) -> Path:
     raise ConfigError(
         f"--accelerate-config {name!r} is neither a shipped config ({', '.join(ACCELERATE_CONFIGS)}) nor an existing file"
     )
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a single-machine launch's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launch_port_args(config_file: str | Path) -> list[str]:
+    """``--main_process_port P`` with a free port for a one-machine config that names no port.
+
+    torchrun's default port (29500) is shared by every launch on the machine; two launches close
+    together (a sweep, a test suite) can then meet a port still held by the last one.
+    """
+    import yaml
+
+    try:
+        cfg = yaml.safe_load(Path(config_file).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    if int(cfg.get("num_machines", 1) or 1) != 1 or cfg.get("main_process_port"):
+        return []
+    return ["--main_process_port", str(free_port())]

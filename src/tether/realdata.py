@@ -254,59 +254,6 @@ def write_dataset(out_dir: str | Path, n_rows: int = 320, contamination: float =
     return paths
 
 
-# ---------------------------------------------------------------------- a trainable chat template
-
-_CHATML_TURN = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-_CHATML_TURN_MARKED = (
-    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
-    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}" + _CHATML_TURN + "{% endif %}"
-)
-
-
-def add_generation_markers(template: str) -> str:
-    """A ChatML template (SmolLM2's) with ``{% generation %}`` around each assistant reply and its ``<|im_end|>``.
-
-    ``tether train`` trains ``messages`` rows with TRL's ``assistant_only_loss``, which needs the
-    markers; TRL patches only the templates it knows, and SmolLM2's is not one of them. The
-    rendered text is unchanged (``training_checkpoint`` checks it).
-    """
-    if "{% generation %}" in template:
-        return template
-    if _CHATML_TURN not in template:
-        raise DataError("the chat template is not the ChatML form this helper knows; add {% generation %} markers by hand")
-    return template.replace(_CHATML_TURN, _CHATML_TURN_MARKED)
-
-
-def training_checkpoint(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """``out_dir``: ``model_dir``'s files as symlinks, except a chat template with generation markers.
-
-    A workaround until the trainer handles templates without markers itself (see
-    docs/real-models.md); the weights are the same files, so nothing is copied.
-    """
-    from transformers import AutoTokenizer
-
-    src, out = Path(model_dir).resolve(), Path(out_dir)
-    tmpl_file = src / "chat_template.jinja"
-    if not tmpl_file.is_file():
-        raise DataError(f"{src} has no chat_template.jinja to add generation markers to")
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        link = out / f.name
-        if f.name != "chat_template.jinja" and not link.exists():
-            link.symlink_to(f)
-    marked = add_generation_markers(tmpl_file.read_text())
-    (out / "chat_template.jinja").write_text(marked)
-    before, after = AutoTokenizer.from_pretrained(str(src)), AutoTokenizer.from_pretrained(str(out))
-    chat = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
-    for gen in (False, True):
-        if before.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen) != after.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=gen
-        ):
-            raise DataError(f"adding generation markers changed how {src}'s chat template renders a chat")
-    return out
-
-
 # --------------------------------------------------------------------------------------- probes
 
 

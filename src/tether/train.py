@@ -737,17 +737,61 @@ class PreparedRun:
     tokenizer: Any
 
 
+def assistant_mask_supported(tokenizer: Any) -> bool:
+    """Whether TRL can mask a ``messages`` row to its assistant tokens with this tokenizer's chat template.
+
+    It can when the template has ``{% generation %}`` markers or TRL ships a patched training
+    template for it; otherwise (SmolLM2's template, for one) it cannot.
+    """
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return False
+    if has_generation_markers(template):
+        return True
+    try:
+        return get_training_chat_template(tokenizer) is not None
+    except Exception:  # TRL raises for templates it has no training version of
+        return False
+
+
+def _split_at_last_reply(data: TrainingData) -> TrainingData:
+    """Every ``messages`` row as conversational prompt/completion split at its last assistant turn.
+
+    For a chat template without assistant masks: TRL's completion-only loss then trains exactly
+    the last reply, which equals assistant-only loss for single-turn rows (earlier assistant turns
+    of a multi-turn row become context, not targets).
+    """
+    from tether.data import as_prompt_completion
+
+    def split(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [as_prompt_completion(r) for r in rows]
+
+    return TrainingData(
+        capability=split(data.capability), neutral=split(data.neutral), alignment=split(data.alignment),
+        shares=data.shares, world=split(data.world),
+    )
+
+
 def prepare_run(cfg: "RunConfig", source: str = "run config") -> PreparedRun:
     """Validate the stack, load and transform the data, load the model (and add the adapter)."""
     from tether.models import load_model
 
+    if cfg.training.bf16:
+        import torch
+
+        if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            raise ConfigError(f"{source}: training.bf16 needs a GPU with bfloat16 support and none is visible; set it to false on CPU")
     methods = build_methods(cfg, source)
     data = load_training_data(cfg)
     for m in methods:
         data = m.prepare_data(data)
     fmt = _check_formats(data)
-    train_ds = _train_dataset(data, cfg)
     model, tokenizer = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
+    if fmt == "messages" and not assistant_mask_supported(tokenizer):
+        data, fmt = _split_at_last_reply(data), "prompt_completion"
+    train_ds = _train_dataset(data, cfg)
     if cfg.model.lora is not None:
         model = _apply_lora(model, cfg)
     for i, m in enumerate(methods):
