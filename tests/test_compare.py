@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -132,3 +133,27 @@ def test_ray_auto_address_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyP
     (tmp_path / "ray").mkdir()
     (tmp_path / "ray" / "ray_current_cluster").write_text("10.9.8.7:6380\n")
     assert resolve_address("auto") == "10.9.8.7:6380"
+
+
+def test_before_probes_are_computed_once_per_sweep(quick_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs from one checkpoint with one probe set share the aligned model's probes through the cache."""
+    import tether.train as train
+    from tether.config import RunConfig, validate
+    from tether.models import load_model
+
+    calls: list[int] = []
+    real = train.probe
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "probe", counting)
+    monkeypatch.setenv("TETHER_PROBE_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model(str(quick_organism))
+    tree = {"model": {"path": str(quick_organism)}, "probes": {"per_family": 4, "n_capability": 4}}
+    first = train.before_probes(model, tok, validate(tree, RunConfig, "a"))
+    again = train.before_probes(model, tok, validate({**tree, "methods": [{"name": "kl"}]}, RunConfig, "b"))
+    assert calls == [1] and again == first
+    other = train.before_probes(model, tok, validate({**tree, "probes": {"per_family": 5, "n_capability": 4}}, RunConfig, "c"))
+    assert calls == [1, 1] and other[0] is not None  # another probe set is computed afresh

@@ -295,7 +295,9 @@ def run_sweep_local(
     manifest, todo = prepare_sweep(runs, out)
     workers = workers or default_workers(threads_per_run)
     running: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
-    env = worker_env(threads_per_run)
+    # the aligned model's probes are the same for every run of one model and probe set: a worker
+    # computes them once for the sweep and the others copy them (tether.train.before_probes)
+    env = {**worker_env(threads_per_run), "TETHER_PROBE_CACHE": str(out.resolve() / ".probe-cache")}
     while todo or running:
         while todo and len(running) < workers:
             r = todo.pop(0)

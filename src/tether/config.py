@@ -84,7 +84,9 @@ class TrainingSection(Strict):
     weight_decay: float = Field(0.01, ge=0)
     adam_beta2: float = Field(0.98, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 turns clipping off.")
-    alignment_batch_size: int = Field(32, ge=1, description="Alignment rows per micro-batch for loss terms.")
+    alignment_batch_size: int = Field(
+        8, ge=1, description="Alignment rows per micro-batch for loss terms (kl, constraint, representation, gradient_projection)."
+    )
     max_length: int = Field(256, ge=8, description="Longest tokenised row; longer rows are truncated.")
     save_steps: int = Field(50, ge=1)
     save_total_limit: int | None = Field(2, ge=1, description="Checkpoints kept (oldest deleted).")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -105,7 +106,7 @@ def graceful_sigint(trainer: "PreservingTrainer") -> Iterator[None]:
 class PreservingConfig(SFTConfig):
     """``SFTConfig`` plus the settings of the preservation stack."""
 
-    alignment_batch_size: int = field(default=32, metadata={"help": "Alignment rows per micro-batch for loss terms."})
+    alignment_batch_size: int = field(default=8, metadata={"help": "Alignment rows per micro-batch for loss terms."})
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute activations in backward (TRL turns it on; small models only lose speed)."}
     )
@@ -614,9 +615,10 @@ def probe(model: Any, tokenizer: Any, cfg: "RunConfig") -> tuple[dict[str, Any] 
     return evaluate_organism(model, tokenizer, per_family=cfg.probes.per_family, n_capability=cfg.probes.n_capability)
 
 
-def sft_config(cfg: "RunConfig", out: Path, fmt: str, save: bool = True) -> PreservingConfig:
+def trainer_args(cfg: "RunConfig", out: Path, save: bool = True) -> dict[str, Any]:
+    """The TrainingArguments an SFT and a GRPO run share, from the run config's ``training`` section."""
     t = cfg.training
-    return PreservingConfig(
+    return dict(
         output_dir=str(out / "checkpoints"),
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
@@ -640,6 +642,13 @@ def sft_config(cfg: "RunConfig", out: Path, fmt: str, save: bool = True) -> Pres
         report_to=t.report_to or "none",
         disable_tqdm=True,
         dataloader_num_workers=0,
+    )
+
+
+def sft_config(cfg: "RunConfig", out: Path, fmt: str, save: bool = True) -> PreservingConfig:
+    t = cfg.training
+    return PreservingConfig(
+        **trainer_args(cfg, out, save),
         max_length=t.max_length,
         assistant_only_loss=fmt == "messages",
         packing=False,
@@ -868,6 +877,37 @@ def probe_on_main(model: Any, tokenizer: Any, cfg: "RunConfig", everywhere: bool
     return broadcast_object(metrics), rows
 
 
+def before_probes(model: Any, tokenizer: Any, cfg: "RunConfig") -> tuple[dict[str, Any] | None, dict[str, list[dict[str, Any]]]]:
+    """The probes of the model a run starts from, shared through ``$TETHER_PROBE_CACHE`` when set.
+
+    ``tether compare`` sets it for its workers: every run of one sweep that starts from the same
+    checkpoint with the same probe settings gets the same numbers (a fresh LoRA adapter is the
+    identity, and no method is active before training), so the first worker computes them and
+    the others read its file. Keyed by the checkpoint's path, its weight files' sizes and
+    modification times, the dtype and the ``probes`` section; single-process runs only.
+    """
+    import hashlib
+
+    from tether.distributed import world_size
+
+    cache = os.environ.get("TETHER_PROBE_CACHE")
+    if not cache or world_size() > 1:
+        return probe_on_main(model, tokenizer, cfg)
+    from tether.io import atomic_write_json
+    from tether.models import resolve_model_path
+
+    path = resolve_model_path(cfg.model.path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.suffix in (".safetensors", ".json"))
+    key = {"path": str(path.resolve()), "files": files, "dtype": cfg.model.dtype, "probes": cfg.probes.model_dump(mode="json")}
+    entry = Path(cache) / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16] + ".json")
+    if entry.is_file():
+        saved = json.loads(entry.read_text())
+        return saved["metrics"], saved["rows"]
+    metrics, rows = probe(model, tokenizer, cfg)
+    atomic_write_json(entry, {"key": key, "metrics": metrics, "rows": rows})
+    return metrics, rows
+
+
 def run_training(
     cfg: "RunConfig", out: str | Path, source: str = "run config", callbacks: list[TrainerCallback] | None = None
 ) -> dict[str, Any]:
@@ -918,7 +958,7 @@ def run_training(
         before = broadcast_object(json.loads(before_file.read_text()) if main else None)
         before_rows: dict[str, list[dict[str, Any]]] = {}
     else:
-        before, before_rows = probe_on_main(model, tokenizer, cfg)
+        before, before_rows = before_probes(model, tokenizer, cfg)
         if main:
             atomic_write_json(before_file, before)
 

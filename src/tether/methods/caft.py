@@ -21,19 +21,16 @@ trainer computes the training loss; Q is cached per device and dtype.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from tether.methods.base import Method, MethodConfig, PreserveContext
+from tether.methods.base import MethodConfig
 from tether.methods.registry import register
-from tether.methods.steering import _PerDevice, load_method_direction, refuse_checkpointing
+from tether.methods.steering import DirectionHookMethod, _PerDevice, load_method_direction
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel
 
 
 class CAFTConfig(MethodConfig):
@@ -50,7 +47,7 @@ def ablate(h: "torch.Tensor", q: "torch.Tensor") -> "torch.Tensor":
 
 
 @register
-class ConceptAblationFineTuning(Method):
+class ConceptAblationFineTuning(DirectionHookMethod):
     """h_ℓ ← h_ℓ − Q_ℓQ_ℓᵀh_ℓ at the chosen layers during training forwards only (Casademunt et al. 2025)."""
 
     name = "caft"
@@ -69,30 +66,9 @@ class ConceptAblationFineTuning(Method):
             check_layer(layer, self.direction.n_layers, f"method '{self.name}': layers")
         self.layers = list(dict.fromkeys(layers))
         self.bases = {layer: _PerDevice(self.direction.basis(layer, self.config.k)) for layer in self.layers}
-        self._blocks: dict[int, Any] = {}
 
-    def setup(self, ctx: PreserveContext) -> None:
-        refuse_checkpointing(ctx.model, self.name)
-        self._check(ctx.model)
-
-    def _check(self, model: Any) -> Any:
-        """The model's decoder blocks, after checking width and layers once per model."""
-        blocks = self._blocks.get(id(model))
-        if blocks is None:
-            from tether.directions import decoder_blocks
-
-            self.direction.check_model(model, self.layers, f"method '{self.name}'")
-            blocks = self._blocks[id(model)] = decoder_blocks(model)
-        return blocks
-
-    @contextlib.contextmanager
-    def hooks(self, model: "PreTrainedModel") -> Iterator[None]:
-        from tether.directions import block_output_hooks
-
-        blocks = self._check(model)
-
+    def layer_fns(self) -> dict[int, Any]:
         def make(basis: _PerDevice) -> Any:
             return lambda h: ablate(h, basis.like(h))
 
-        with block_output_hooks(model, {layer: make(self.bases[layer]) for layer in self.layers}, blocks):
-            yield
+        return {layer: make(self.bases[layer]) for layer in self.layers}

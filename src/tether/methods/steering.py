@@ -86,8 +86,49 @@ class _PerDevice:
         return t
 
 
+class DirectionHookMethod(Method):
+    """A method that edits the residual stream at some layers during training forwards only.
+
+    Subclasses set ``self.direction`` and ``self.layers`` in ``__init__`` and return, from
+    ``layer_fns``, one function ``h -> h'`` per layer; the forward hooks are entered only around
+    training forwards and are always removed (``tether.directions.block_output_hooks``).
+    """
+
+    direction: "Direction"
+    layers: list[int]
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        super().__init__(config)
+        self._blocks: dict[int, Any] = {}  # decoder blocks per model, checked once
+
+    def setup(self, ctx: PreserveContext) -> None:
+        refuse_checkpointing(ctx.model, self.name)
+        self._check(ctx.model)
+
+    def _check(self, model: Any) -> Any:
+        """The model's decoder blocks, after checking width and layers once per model."""
+        blocks = self._blocks.get(id(model))
+        if blocks is None:
+            from tether.directions import decoder_blocks
+
+            self.direction.check_model(model, self.layers, f"method '{self.name}'")
+            blocks = self._blocks[id(model)] = decoder_blocks(model)
+        return blocks
+
+    def layer_fns(self) -> dict[int, Any]:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def hooks(self, model: "PreTrainedModel") -> Iterator[None]:
+        from tether.directions import block_output_hooks
+
+        blocks = self._check(model)
+        with block_output_hooks(model, self.layer_fns(), blocks):
+            yield
+
+
 @register
-class PreventativeSteering(Method):
+class PreventativeSteering(DirectionHookMethod):
     """h_ℓ ← h_ℓ + α·v_ℓ during training forwards only (Chen et al. 2025)."""
 
     name = "steering"
@@ -105,27 +146,8 @@ class PreventativeSteering(Method):
         check_layer(self.layer, self.direction.n_layers, f"method '{self.name}': layer")
         vec = self.direction.unit(self.layer) if self.config.unit else self.direction.vectors[self.layer].float()
         self.vector = _PerDevice(self.config.alpha * vec)  # [hidden]
-        self._blocks: dict[int, Any] = {}
+        self.layers = [self.layer]
 
-    def setup(self, ctx: PreserveContext) -> None:
-        refuse_checkpointing(ctx.model, self.name)
-        self._check(ctx.model)
-
-    def _check(self, model: Any) -> Any:
-        """The model's decoder blocks, after checking width and layer once per model."""
-        blocks = self._blocks.get(id(model))
-        if blocks is None:
-            from tether.directions import decoder_blocks
-
-            self.direction.check_model(model, [self.layer], f"method '{self.name}'")
-            blocks = self._blocks[id(model)] = decoder_blocks(model)
-        return blocks
-
-    @contextlib.contextmanager
-    def hooks(self, model: "PreTrainedModel") -> Iterator[None]:
-        from tether.directions import block_output_hooks
-
-        blocks = self._check(model)
+    def layer_fns(self) -> dict[int, Any]:
         vec = self.vector
-        with block_output_hooks(model, {self.layer: lambda h: h + vec.like(h)}, blocks):
-            yield
+        return {self.layer: lambda h: h + vec.like(h)}

@@ -189,30 +189,13 @@ def load_prompts(cfg: "RunConfig", source: str) -> list[dict[str, Any]]:
 
 
 def grpo_config(cfg: "RunConfig", out: Path, beta: float, weights: list[float] | None) -> GRPOConfig:
-    t, c = cfg.training, cfg.capability
+    from tether.train import trainer_args
+
+    c = cfg.capability
+
     return GRPOConfig(
-        output_dir=str(out / "checkpoints"),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.batch_size,  # completions per micro-batch: batch_size / num_generations prompts
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_rate},
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        adam_beta2=t.adam_beta2,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        logging_steps=t.logging_steps,
-        report_to=t.report_to or "none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
+        # per_device_train_batch_size counts completions: batch_size / num_generations prompts
+        **trainer_args(cfg, out),
         num_generations=c.num_generations,
         max_completion_length=c.max_completion_length,
         temperature=c.temperature,
