@@ -123,12 +123,15 @@ def plan_runs(sweep: SweepConfig, source: str = "sweep", base_dir: Path | None =
     for key in sweep.grid:
         _check_grid_key(key, source)
     keys = list(sweep.grid)
-    # the grid's product (one base run when there is no grid), unless only extra runs are given
-    variants: list[tuple[dict[str, Any], str | None]] = (
+    # the grid's product (one base run when there is no grid), unless only extra runs are given;
+    # extra runs go first: they are often the costlier special cases, and a sweep whose longest
+    # runs start first leaves fewer workers idle at its end
+    grid_runs: list[tuple[dict[str, Any], str | None]] = (
         [(dict(zip(keys, combo)), None) for combo in itertools.product(*(sweep.grid[k] for k in keys))]
         if keys or not sweep.extra
         else []
     )
+    variants: list[tuple[dict[str, Any], str | None]] = []
     for i, entry in enumerate(sweep.extra):
         entry = dict(entry)
         name = entry.pop("label", None)
@@ -137,6 +140,7 @@ def plan_runs(sweep: SweepConfig, source: str = "sweep", base_dir: Path | None =
         for key in entry:
             _check_grid_key(key, f"{source}: extra[{i}]")
         variants.append((entry, name))
+    variants += grid_runs
     runs: list[PlannedRun] = []
     for overrides, name in variants:
         for seed in sweep.seeds:

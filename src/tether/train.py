@@ -678,6 +678,7 @@ def _apply_lora(model: Any, cfg: "RunConfig") -> Any:
 
     lc = cfg.model.lora
     assert lc is not None
+    torch.manual_seed(cfg.training.seed)  # the adapter's random init (A) is the run's, not the process's history
     return get_peft_model(
         model,
         LoraConfig(
