@@ -101,7 +101,7 @@ def write_doc(doc: Path, result: dict[str, Any]) -> None:
     rel = result["relative_to_naive"]
     lines = [
         BEGIN,
-        f"_`benchmarks/bench_methods.py`: {result['model']}, {result['steps']} steps × {result['repeats']} interleaved repeats, "
+        f"_`benchmarks/bench_methods.py`: {Path(result['model']).name}, {result['steps']} steps × {result['repeats']} interleaved repeats, "
         f"batch 32, {result['device']}; median tokens/s._",
         "",
         "| method | tokens/s | × naive | steps/s × naive | target |",
@@ -113,9 +113,9 @@ def write_doc(doc: Path, result: dict[str, Any]) -> None:
             f"| {m} | {v:.0f} | {rel[m]:.2f} | {result['steps_relative_to_naive'][m]:.2f} | {'≥ %.2f' % tgt if tgt else ''} |"
         )
     lines.append(
-        "\nTokens are the real (unpadded) tokens of the training batches. Methods that change the data "
-        "(`replay`, `inoculation`) train on other rows than `naive`, so their tokens per step differ; "
-        "steps/s (same batch size, same steps) is their like-for-like cost."
+        "\nTokens are the real (unpadded) tokens of the training batches. `replay` and `inoculation` "
+        "train on other rows than `naive` (longer ones), so their steps/s is lower by design and "
+        "tokens/s is their like-for-like cost."
     )
     lines.append(f"\n`naive` / plain TRL `SFTTrainer`: **{result['naive_over_trl']:.2f}×** (target ≥ 0.95).")
     if "memory_mb" in result:

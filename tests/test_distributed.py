@@ -76,6 +76,23 @@ def _env() -> dict[str, str]:
     return env
 
 
+GLOO_ABORT = "terminate called without an active exception"
+
+
+def _launch(cmd: list[str]) -> "subprocess.CompletedProcess[str]":
+    """Run a 2-process launch; once more if a rank died with the intermittent gloo abort.
+
+    On this machine a 2-rank CPU launch now and then dies mid-training with ``terminate called
+    without an active exception`` in one rank (not reproducible by hand; an open defect). The
+    rerun resumes from the last complete checkpoint — the resume path tested in
+    test_train_faults — so the final weights are still those of an uninterrupted run.
+    """
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and GLOO_ABORT in res.stderr:
+        res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    return res
+
+
 def _weights(run: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -104,10 +121,9 @@ def runs(quick_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     double = {name: root / f"ddp-{name}" for name in METHODS}
 
     # naive: the CLI's own re-launch under accelerate
-    cli = subprocess.run(
+    cli = _launch(
         [sys.executable, "-m", "tether.cli", "train", str(configs["naive"]), "--out", str(double["naive"]),
          "--accelerate-config", "cpu", "--num-processes", "2"],
-        env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert cli.returncode == 0, cli.stderr[-3000:]
     # rank 0 alone prints the summary (one line per rank would mean duplicated output)
@@ -116,10 +132,10 @@ def runs(quick_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     # the other three: one accelerate launch of a worker that trains them in turn
     worker = root / "worker.py"
     worker.write_text(WORKER)
-    launch = subprocess.run(
+    launch = _launch(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config("cpu")),
-         "--num_processes", "2", str(worker), *(f"{configs[n]}={double[n]}" for n in METHODS if n != "naive")],
-        env=_env(), capture_output=True, text=True, timeout=600,
+         *launch_port_args(resolve_accelerate_config("cpu")), "--num_processes", "2", str(worker),
+         *(f"{configs[n]}={double[n]}" for n in METHODS if n != "naive")],
     )
     assert launch.returncode == 0, launch.stderr[-3000:]
     return {name: (single[name], double[name]) for name in METHODS}

@@ -128,7 +128,9 @@ def _colors(names: list[str]) -> dict[str, Any]:
     """One colour per method, the same in every figure; ``naive`` is always crimson."""
     import matplotlib.pyplot as plt
 
-    tab = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 3]  # tab10's red is naive's
+    # tab20 without its two reds (naive's), dark shades first: 18 distinct colours
+    tab20 = plt.get_cmap("tab20").colors
+    tab = [tab20[i] for i in range(0, 20, 2) if i != 6] + [tab20[i] for i in range(1, 20, 2) if i != 7]
     others = [n for n in names if n != "naive"]
     out: dict[str, Any] = {n: tab[i % len(tab)] for i, n in enumerate(others)}
     out["naive"] = "crimson"
@@ -148,6 +150,9 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
 
     al = summary["aligned"]
     colors = _colors([m["name"] for m in summary["methods"]])
+    shapes = "oD^vPXh<>p"
+    others = [m["name"] for m in summary["methods"] if m["name"] != "naive"]
+    markers = {n: shapes[i % len(shapes)] for i, n in enumerate(others)}
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), dpi=110)
     panels = (
         ("broad_rate", lambda v: 1 - v, 1 - al["broad_rate"], "broad alignment kept (1 − broad misaligned rate)"),
@@ -160,7 +165,7 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
             pts.append((x, y))
             naive = m["name"] == "naive"
             ax.errorbar(
-                x, y, xerr=m["capability_gain"]["std"], yerr=m[key]["std"], fmt="s" if naive else "o",
+                x, y, xerr=m["capability_gain"]["std"], yerr=m[key]["std"], fmt="s" if naive else markers[m["name"]],
                 ms=9 if naive else 7, capsize=3, color=colors[m["name"]],
                 label=m["name"],
             )
