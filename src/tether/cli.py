@@ -649,7 +649,7 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         # not standalone: click's usage errors come here instead of a multi-line boxed panel
-        code = app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="tether")
         if code == 130:  # typer turns Ctrl-C inside a command into exit code 130
             raise KeyboardInterrupt
         if isinstance(code, int) and code != 0:
