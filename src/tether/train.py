@@ -416,12 +416,7 @@ class PreservingTrainer(SFTTrainer):
                 from transformers.trainer_utils import get_last_checkpoint
 
                 path = get_last_checkpoint(self.args.output_dir)
-            state_file = Path(str(path)) / PRESERVE_STATE
-            if state_file.is_file():
-                saved = json.loads(state_file.read_text())
-                for m in self.methods:
-                    if m.name in saved:
-                        m.load_state_dict(saved[m.name])
+            load_method_state(self.methods, Path(str(path)))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
@@ -483,6 +478,16 @@ class _RoutedCollator:
         if labelled:
             batch["routed"] = torch.tensor(flags, dtype=torch.bool)
         return batch
+
+
+def load_method_state(methods: list[Method], checkpoint: Path) -> None:
+    """Give each method its checkpointed state (a Lagrange multiplier, ...) from ``checkpoint``, if saved."""
+    state_file = checkpoint / PRESERVE_STATE
+    if state_file.is_file():
+        saved = json.loads(state_file.read_text())
+        for m in methods:
+            if m.name in saved:
+                m.load_state_dict(saved[m.name])
 
 
 class _Context:

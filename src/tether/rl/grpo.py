@@ -119,12 +119,9 @@ class PreservingGRPOTrainer(GRPOTrainer):
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):
-            state_file = Path(resume_from_checkpoint) / PRESERVE_STATE
-            if state_file.is_file():
-                saved = json.loads(state_file.read_text())
-                for m in self.methods:
-                    if m.name in saved:
-                        m.load_state_dict(saved[m.name])
+            from tether.train import load_method_state
+
+            load_method_state(self.methods, Path(resume_from_checkpoint))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
