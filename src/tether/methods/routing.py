@@ -168,7 +168,7 @@ class GradientRouting(Method):
     name = "gradient_routing"
     description = "route contaminated rows' gradients into a parameter region (SGTM masks or ERA neurons), ablate it"
     supports = frozenset({"sft", "grpo"})  # the GRPO form is in tether.rl.preserve
-    row_batches = True  # routes rows of the micro-batch; ERA masks activations per row
+    row_batches = True  # the class default; an instance of the mask form takes padding-free batches
     sharding_ok = False
     sharding_reason = "the region masks and ERA's expansion address whole parameter tensors, which FSDP/ZeRO-3 shard"
     needs = frozenset({"labels"})
@@ -179,6 +179,9 @@ class GradientRouting(Method):
         # inconsistent keys are a one-sentence ValueError, like registry.make's (the run config names its file)
         super().__init__(config)
         c = self.config
+        # masks split a micro-batch by rows, padded or padding-free (``_rows``); ERA masks
+        # activations per row and retain steps replay stored rows, so those keep padded rows
+        self.row_batches = c.form == "era" or c.retain_steps > 0
         wrong = _ERA_ONLY if c.form == "mask" else _MASK_ONLY
         # a resolved config lists every key, so a key of the other form counts as given when not at its default
         given = [k for k in wrong if getattr(c, k) != type(c).model_fields[k].default]
@@ -355,7 +358,7 @@ class GradientRouting(Method):
     ) -> "torch.Tensor | None":
         import torch
 
-        n = inputs["input_ids"].shape[0]
+        n = len(_row_spans(inputs)) if _is_flat(inputs) else inputs["input_ids"].shape[0]
         r = routed.to(torch.bool) if routed is not None else torch.zeros(n, dtype=torch.bool)
         r = r.to(inputs["input_ids"].device)
         ctx.log(self.name, "routed_share", float(r.float().mean()))
@@ -439,10 +442,39 @@ class GradientRouting(Method):
 # ---- helpers -------------------------------------------------------------------------------------
 
 
+def _is_flat(inputs: dict[str, Any]) -> bool:
+    """A padding-free batch: one sequence of concatenated rows, ``position_ids`` restarting at 0."""
+    return "attention_mask" not in inputs and "position_ids" in inputs and inputs["input_ids"].shape[0] == 1
+
+
+def _row_spans(inputs: dict[str, Any]) -> list[tuple[int, int]]:
+    """``(start, end)`` of each row of a padding-free batch."""
+    pos = inputs["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist() + [int(pos.numel())]
+    return list(zip(starts, starts[1:]))
+
+
+def _flat_rows(inputs: dict[str, Any], keep: "torch.Tensor") -> dict[str, Any]:
+    """The rows ``keep`` of a padding-free batch, again padding-free (with their varlen boundaries)."""
+    import torch
+
+    spans = [sp for sp, k in zip(_row_spans(inputs), keep.tolist()) if k]
+    idx = torch.cat([torch.arange(a, b) for a, b in spans]).to(inputs["input_ids"].device)
+    out = {k: inputs[k][:, idx] for k in ("input_ids", "labels", "position_ids") if k in inputs}
+    lengths = torch.tensor([b - a for a, b in spans])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
+    out["max_length_q"] = out["max_length_k"] = int(lengths.max())
+    out["seq_idx"] = torch.repeat_interleave(torch.arange(len(spans), dtype=torch.int32), lengths)[None]
+    return out
+
+
 def _rows(inputs: dict[str, Any], keep: "torch.Tensor") -> dict[str, Any]:
     """The rows ``keep`` of a collated batch, right padding trimmed to the longest kept row."""
     import torch
 
+    if _is_flat(inputs):
+        return _flat_rows(inputs, keep)
     n = inputs["input_ids"].shape[0]
     out = {k: v[keep] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v for k, v in inputs.items()}
     am = out.get("attention_mask")
