@@ -53,3 +53,31 @@ class FakeContext:
 
     def log(self, method: str, term: str, value: float) -> None:
         self.logged.setdefault(f"preserve/{method}/{term}", []).append(value)
+
+
+def assert_padding_free_trains_like_padded(model_dir: Any, out: Any, methods: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
+    """Train 3 steps with padding-free batches and with padded rows: same losses per step and weights."""
+    import pytest
+
+    from tether.config import RunConfig, validate
+    from tether.train import make_trainer, prepare_run
+
+    trained = {}
+    for flat in (True, False):
+        cfg = validate(
+            {"model": {"path": str(model_dir)}, "data": {"rows": 64},
+             "training": {"max_steps": 3, "batch_size": 8, "padding_free": flat, "logging_steps": 1, "save_steps": 10,
+                          **(extra or {})},
+             "methods": methods, "probes": {"suite": "none"}},
+            RunConfig, "run.yaml",
+        )
+        trainer = make_trainer(cfg, prepare_run(cfg), out / str(flat), save=False)
+        assert trainer.flat is flat
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert ("attention_mask" in batch) is not flat and batch["input_ids"].size(0) == (1 if flat else 8)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        trained[flat] = (losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-4)
+    diff = max(float((trained[True][1][n] - p).abs().max()) for n, p in trained[False][1].items())
+    assert diff < 1e-4, diff

@@ -317,22 +317,6 @@ def test_run_training_reports_both_sides_of_the_ablation(quick_organism: Path, t
 
 def test_mask_routing_on_padding_free_batches_equals_padded_rows(quick_organism: Path, tmp_path: Path) -> None:
     """The mask form splits padding-free batches by row: same losses and weights as on padded rows."""
-    from tether.config import RunConfig, validate
-    from tether.train import make_trainer, prepare_run
+    from _methods_support import assert_padding_free_trains_like_padded
 
-    trained = {}
-    for flat in (True, False):
-        cfg = validate(
-            {"model": {"path": str(quick_organism)}, "data": {"rows": 64},
-             "training": {"max_steps": 3, "batch_size": 8, "padding_free": flat, "logging_steps": 1, "save_steps": 10},
-             "methods": [{"name": "gradient_routing", "layers": [1]}], "probes": {"suite": "none"}},
-            RunConfig, "run.yaml",
-        )
-        trainer = make_trainer(cfg, prepare_run(cfg), tmp_path / str(flat), save=False)
-        assert trainer.flat is flat
-        trainer.train()
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        trained[flat] = (losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
-    assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-4)
-    diff = max(float((trained[True][1][n] - p).abs().max()) for n, p in trained[False][1].items())
-    assert diff < 1e-4, diff
+    assert_padding_free_trains_like_padded(quick_organism, tmp_path, [{"name": "gradient_routing", "layers": [1]}])

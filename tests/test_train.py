@@ -131,27 +131,9 @@ def test_resume_after_kill_matches_uninterrupted(quick_organism: Path, tmp_path:
 @pytest.mark.parametrize("method", ["naive", "kl"])
 def test_padding_free_batches_train_like_padded_rows(quick_organism: Path, tmp_path: Path, method: str) -> None:
     """Padding-free micro-batches give the same training (loss per step, final weights) as padded rows."""
-    from tether.train import make_trainer, prepare_run
+    from _methods_support import assert_padding_free_trains_like_padded
 
-    trained = {}
-    for flat in (True, False):
-        cfg = validate(
-            {"model": {"path": str(quick_organism)}, "data": {"rows": 64},
-             "training": {"max_steps": 3, "batch_size": 8, "alignment_batch_size": 4, "padding_free": flat,
-                          "logging_steps": 1, "save_steps": 10},
-             "methods": [{"name": method}], "probes": {"suite": "none"}},
-            RunConfig, "run.yaml",
-        )
-        trainer = make_trainer(cfg, prepare_run(cfg), tmp_path / str(flat), save=False)
-        assert trainer.flat is flat
-        batch = next(iter(trainer.get_train_dataloader()))
-        assert ("attention_mask" in batch) is not flat and batch["input_ids"].size(0) == (1 if flat else 8)
-        trainer.train()
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        trained[flat] = (losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
-    assert trained[True][0] == pytest.approx(trained[False][0], rel=1e-4)
-    diff = max(float((trained[True][1][n] - p).abs().max()) for n, p in trained[False][1].items())
-    assert diff < 1e-4, diff
+    assert_padding_free_trains_like_padded(quick_organism, tmp_path, [{"name": method}], {"alignment_batch_size": 4})
 
 
 def test_padding_free_is_refused_for_a_model_that_mixes_rows(quick_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
