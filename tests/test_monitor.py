@@ -70,3 +70,25 @@ def test_guard_tighten_scales_method_strength(tmp_path: Path) -> None:
     mon.on_train_begin(None, _state(0), control, model=model)
     mon.on_step_end(None, _state(1), control, model=model)
     assert method.beta == 3.0 and not control.should_training_stop
+
+
+def test_reading_joins_its_steps_log_entry(tmp_path: Path) -> None:
+    """A reading goes into the trainer's pending metrics and asks for a log at its own step.
+
+    (So it shares the step's entry with the loss instead of displacing it, and a checkpoint saved
+    at that step holds it.)
+    """
+    from collections import defaultdict
+
+    cfg = MonitorConfig(every_n_steps=2)
+    mon = _Scripted(cfg, tmp_path, {0: 0.1, 2: 0.3})
+    logged: list[dict[str, Any]] = []
+    mon.trainer = SimpleNamespace(methods=[], _metrics={"train": defaultdict(list)}, log=logged.append)
+    control = SimpleNamespace(should_training_stop=False, should_log=False)
+    model = torch.nn.Linear(2, 2)
+    mon.on_train_begin(None, _state(0), control, model=model)
+    mon.on_step_end(None, _state(1), control, model=model)  # not a monitor step
+    assert not control.should_log and not mon.trainer._metrics["train"]
+    mon.on_step_end(None, _state(2), control, model=model)
+    assert control.should_log and logged == []
+    assert dict(mon.trainer._metrics["train"]) == {"probe/broad/rate": [0.3], "probe/broad/logodds": [0.0]}

@@ -108,10 +108,7 @@ class AlignmentMonitor(TrainerCallback):
         row = broadcast_object(self._reading(model, state.global_step) if main or self._sharded() else None)
         if main:
             _append_jsonl(self.run_dir / "monitor.jsonl", row)
-        if self.trainer is not None:  # through the trainer: reaches report_to and the log
-            self.trainer.log({k: v for k, v in row.items() if k != "step"})
-        else:
-            state.log_history.append(dict(row))
+        self._log(row, state, control)
         guard = self.cfg.guard
         if guard is None or self.baseline is None:
             return
@@ -129,6 +126,25 @@ class AlignmentMonitor(TrainerCallback):
             event["tightened"] = self._tighten(guard.tighten_factor)
         if main:
             _append_jsonl(self.run_dir / "guard.jsonl", event)
+
+    def _log(self, row: dict[str, Any], state: Any, control: Any) -> None:
+        """Log a reading in this step's own log entry, beside its loss and method terms.
+
+        TRL's trainers merge ``_metrics`` into their next log entry; asking for a log at this step
+        makes that entry this step's (with its loss), so a reading never displaces the loss, and a
+        checkpoint saved at this step holds everything logged at it (a run resumed from it loses
+        nothing). A trainer without ``_metrics`` gets its own entry.
+        """
+        values = {k: v for k, v in row.items() if k != "step"}
+        pending = getattr(self.trainer, "_metrics", None)
+        if isinstance(pending, dict) and "train" in pending:
+            for k, v in values.items():
+                pending["train"][k] = [v]
+            control.should_log = True
+        elif self.trainer is not None and callable(getattr(self.trainer, "log", None)):
+            self.trainer.log(values)
+        else:
+            state.log_history.append(dict(row))
 
     def _sharded(self) -> bool:
         return getattr(self.trainer, "sharding", None) is not None
