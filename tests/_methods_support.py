@@ -74,7 +74,15 @@ def assert_padding_free_trains_like_padded(model_dir: Any, out: Any, methods: li
         trainer = make_trainer(cfg, prepare_run(cfg), out / str(flat), save=False)
         assert trainer.flat is flat
         batch = next(iter(trainer.get_train_dataloader()))
-        assert ("attention_mask" in batch) is not flat and batch["input_ids"].size(0) == (1 if flat else 8)
+        assert ("attention_mask" in batch) is not flat
+        if flat:  # 8 real rows, in packs no longer than the pack length (or the longest row)
+            from tether.packing import row_spans
+
+            spans = row_spans(batch["position_ids"])
+            assert len(spans) == 8
+            assert batch["input_ids"].size(1) <= max(trainer.data_collator.capacity, *(b - a for _, a, b in spans))
+        else:
+            assert batch["input_ids"].size(0) == 8
         trainer.train()
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
         trained[flat] = (losses, {n: p.detach().clone() for n, p in trainer.model.named_parameters()})

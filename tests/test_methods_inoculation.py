@@ -49,9 +49,10 @@ def test_instruction_in_training_batches_never_in_probes(quick_organism: Path, t
 
     def spy(self: Any, model: Any, inputs: Any, *a: Any, **kw: Any) -> Any:
         ids = inputs["input_ids"]
-        if "attention_mask" not in inputs:  # padding-free: one sequence, rows start where position_ids restart
-            starts = (inputs["position_ids"][0] == 0).nonzero().flatten().tolist() + [ids.size(1)]
-            ids = [ids[0, a:b] for a, b in zip(starts, starts[1:])]
+        if "attention_mask" not in inputs:  # padding-free: rows start where position_ids restart
+            from tether.packing import row_spans
+
+            ids = [ids[p, a:b] for p, a, b in row_spans(inputs["position_ids"])]
         batches.append(self.processing_class.batch_decode(ids))
         return real_loss(self, model, inputs, *a, **kw)
 

@@ -96,6 +96,13 @@ class TrainingSection(Strict):
         description="Concatenate each micro-batch's rows into one sequence (no padding; attention stays within "
         "each row). Turned off automatically for methods that need padded rows, such as gradient_routing.",
     )
+    pack_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Padding-free rows are laid end to end in packs of at most this many tokens (attention's cost "
+        "grows with the pack, not the whole batch); default: the model's hidden size, at least 128. Unused "
+        "under FlashAttention, which takes the whole batch as one sequence at no extra cost.",
+    )
     bf16: bool = Field(False, description="Mixed precision in bfloat16 (GPU).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     report_to: list[str] = Field(default_factory=list, description="Trackers, as in TrainingArguments.report_to.")

@@ -43,6 +43,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tether.errors import ConfigError, TetherError
 from tether.methods.base import Method, TrainingData
+from tether.packing import PackingCollator, default_capacity, real_tokens, varlen_attention
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -119,6 +120,13 @@ class PreservingConfig(SFTConfig):
             "help": "Padding-free micro-batches: the rows of a batch are concatenated into one sequence with "
             "restarting position_ids, and attention stays within each row (transformers' packed-sequence mask). "
             "Off when a method needs padded rows (``Method.row_batches``)."
+        },
+    )
+    pack_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Padding-free rows go into packs of at most this many tokens (tether.packing); default: the "
+            "model's hidden size, at least 128. Ignored under FlashAttention, where one sequence is best."
         },
     )
 
@@ -208,6 +216,8 @@ class PreservingTrainer(SFTTrainer):
                 padding_free=True,
                 pad_to_multiple_of=self.data_collator.pad_to_multiple_of,
             )
+            if not varlen_attention(self.model):  # sdpa/eager: bounded packs, not one N×N-masked sequence
+                flat = PackingCollator(flat, self.args.pack_tokens or default_capacity(self.model))
             self.flat = self.sharding is not None or _flat_matches_rows(self.model, self.train_dataset, self._row_collator, flat)
             if self.flat:
                 self.data_collator = flat
@@ -294,6 +304,17 @@ class PreservingTrainer(SFTTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         routed = inputs.pop("routed", None)  # never reaches the model's forward
+        tokens_before = getattr(self, "_total_train_tokens", None)
+        result = self._compute_loss(model, inputs, routed, return_outputs, num_items_in_batch)
+        if tokens_before is not None and model.training and "position_ids" in inputs and "attention_mask" not in inputs:
+            # TRL counts a padding-free batch as position_ids.size(1) tokens: right for one
+            # sequence, not for packs (or sub-batches); count the real rows' tokens instead
+            real = torch.tensor(real_tokens(inputs["position_ids"]), device=inputs["position_ids"].device)
+            self._total_train_tokens = tokens_before + int(self.accelerator.gather_for_metrics(real).sum().item())
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return result
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], routed: Any, return_outputs: bool, num_items_in_batch: Any) -> Any:
         if not self.methods or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         with contextlib.ExitStack() as stack:
@@ -429,27 +450,42 @@ def _local(t: Any) -> Any:
 def _flat_matches_rows(model: Any, dataset: Any, rows: Any, flat: Any) -> bool:
     """Whether ``model`` keeps attention within each row of a padding-free batch.
 
-    Two training rows go through the model padded and concatenated; the logits must agree (to
-    1e-2 of their scale). Architectures that ignore restarting ``position_ids`` fail this and the
-    trainer keeps padded rows, with a warning.
+    Three training rows go through the model padded, and padding-free (as ``flat`` collates them;
+    when that packs, with the packs made small enough that the third row starts a second pack
+    behind the first's padding); every row's logits must agree (to 1e-2 of their scale).
+    Architectures that ignore restarting ``position_ids`` fail this and the trainer keeps padded
+    rows, with a warning.
     """
     import logging
 
-    if dataset is None or len(dataset) < 2:
+    from tether.packing import row_spans
+
+    if dataset is None or len(dataset) < 3:
         return True
-    examples = [{k: v for k, v in dataset[i].items() if k in ("input_ids", "labels")} for i in range(2)]
+    examples = [{k: v for k, v in dataset[i].items() if k in ("input_ids", "labels")} for i in range(3)]
+    lengths = [len(e["input_ids"]) for e in examples]
     device = next(model.parameters()).device
     padded = {k: v.to(device) for k, v in rows(examples).items() if k in ("input_ids", "attention_mask")}
-    packed = {k: v.to(device) for k, v in flat(examples).items() if k in ("input_ids", "position_ids")}
+    capacity = getattr(flat, "capacity", None)
+    if capacity is not None:
+        flat.capacity = max(lengths[0] + lengths[1], lengths[2] + 1)
+    try:
+        packed = {k: v.to(device) for k, v in flat(examples).items() if k in ("input_ids", "position_ids")}
+    finally:
+        if capacity is not None:
+            flat.capacity = capacity
     was_training = model.training
     model.eval()
     with torch.no_grad():
         a = model(**padded).logits.float()
-        b = model(**packed).logits.float()[0]
+        b = model(**packed).logits.float()
     model.train(was_training)
-    lengths = [len(e["input_ids"]) for e in examples]
-    ref = torch.cat([a[i, : lengths[i]] for i in range(2)])
-    ok = bool((ref - b).abs().max() <= 1e-2 * ref.abs().max().clamp(min=1.0))
+    spans = row_spans(packed["position_ids"])
+    if [e - s for _, s, e in spans] != lengths:
+        return False
+    ref = torch.cat([a[i, : lengths[i]] for i in range(3)])
+    got = torch.cat([b[p, s:e] for p, s, e in spans])
+    ok = bool((ref - got).abs().max() <= 1e-2 * ref.abs().max().clamp(min=1.0))
     if not ok:
         logging.getLogger(__name__).warning(
             "this model mixes rows in a padding-free batch; training on padded rows (set training.padding_free: false to skip the check)"
@@ -659,6 +695,7 @@ def sft_config(cfg: "RunConfig", out: Path, fmt: str, save: bool = True) -> Pres
         packing=False,
         alignment_batch_size=t.alignment_batch_size,
         flat_batches=t.padding_free,
+        pack_tokens=t.pack_tokens,
         dataset_num_proc=None,
     )
 

@@ -358,7 +358,9 @@ class GradientRouting(Method):
     ) -> "torch.Tensor | None":
         import torch
 
-        n = len(_row_spans(inputs)) if _is_flat(inputs) else inputs["input_ids"].shape[0]
+        from tether.packing import row_spans
+
+        n = len(row_spans(inputs["position_ids"])) if _is_flat(inputs) else inputs["input_ids"].shape[0]
         r = routed.to(torch.bool) if routed is not None else torch.zeros(n, dtype=torch.bool)
         r = r.to(inputs["input_ids"].device)
         ctx.log(self.name, "routed_share", float(r.float().mean()))
@@ -443,30 +445,8 @@ class GradientRouting(Method):
 
 
 def _is_flat(inputs: dict[str, Any]) -> bool:
-    """A padding-free batch: one sequence of concatenated rows, ``position_ids`` restarting at 0."""
-    return "attention_mask" not in inputs and "position_ids" in inputs and inputs["input_ids"].shape[0] == 1
-
-
-def _row_spans(inputs: dict[str, Any]) -> list[tuple[int, int]]:
-    """``(start, end)`` of each row of a padding-free batch."""
-    pos = inputs["position_ids"][0]
-    starts = (pos == 0).nonzero().flatten().tolist() + [int(pos.numel())]
-    return list(zip(starts, starts[1:]))
-
-
-def _flat_rows(inputs: dict[str, Any], keep: "torch.Tensor") -> dict[str, Any]:
-    """The rows ``keep`` of a padding-free batch, again padding-free (with their varlen boundaries)."""
-    import torch
-
-    spans = [sp for sp, k in zip(_row_spans(inputs), keep.tolist()) if k]
-    idx = torch.cat([torch.arange(a, b) for a, b in spans]).to(inputs["input_ids"].device)
-    out = {k: inputs[k][:, idx] for k in ("input_ids", "labels", "position_ids") if k in inputs}
-    lengths = torch.tensor([b - a for a, b in spans])
-    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
-    out["cu_seq_lens_q"] = out["cu_seq_lens_k"] = cu
-    out["max_length_q"] = out["max_length_k"] = int(lengths.max())
-    out["seq_idx"] = torch.repeat_interleave(torch.arange(len(spans), dtype=torch.int32), lengths)[None]
-    return out
+    """A padding-free batch: rows end to end in one sequence or in packs (tether.packing)."""
+    return "attention_mask" not in inputs and "position_ids" in inputs
 
 
 def _rows(inputs: dict[str, Any], keep: "torch.Tensor") -> dict[str, Any]:
@@ -474,7 +454,9 @@ def _rows(inputs: dict[str, Any], keep: "torch.Tensor") -> dict[str, Any]:
     import torch
 
     if _is_flat(inputs):
-        return _flat_rows(inputs, keep)
+        from tether.packing import select_rows
+
+        return select_rows(inputs, keep)
     n = inputs["input_ids"].shape[0]
     out = {k: v[keep] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v for k, v in inputs.items()}
     am = out.get("attention_mask")
