@@ -158,6 +158,7 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
         ("broad_rate", lambda v: 1 - v, 1 - al["broad_rate"], "broad alignment kept (1 − broad misaligned rate)"),
         ("broad_logodds", lambda v: -v, -al["broad_logodds"], "broad margin kept (−broad log-odds, nats)"),
     )
+    labelled: tuple[Any, list[tuple[str, tuple[float, float]]]] = (axes[1], [])
     for ax, (key, to_y, aligned_y, ylabel) in zip(axes, panels):
         pts = []
         for i, m in enumerate(summary["methods"]):
@@ -169,8 +170,8 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
                 ms=9 if naive else 7, capsize=3, color=colors[m["name"]],
                 label=m["name"],
             )
-            if key == "broad_logodds":  # the rate panel ties many methods at 1.0: labels would collide
-                ax.annotate(m["name"], (x, y), xytext=(6, 4), textcoords="offset points", fontsize=7)
+        if key == "broad_logodds":  # the rate panel ties many methods at 1.0: labels would collide
+            labelled = (ax, [(m["name"], p) for m, p in zip(summary["methods"], pts)])
         ax.scatter([0], [aligned_y], marker="*", s=220, color="gold", edgecolor="black", zorder=5,
                    label="aligned model (before)")
         front = _pareto_front(pts)
@@ -183,9 +184,40 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
     axes[1].set_title("… as a log-odds margin (more sensitive)")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="center right")
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    _place_labels(fig, *labelled)  # after the layout: the axes' final frame bounds the labels
     fig.savefig(path)
     plt.close(fig)
+
+
+# label offsets tried in turn (points): right-up, right-down, left-up, left-down, then further out
+_LABEL_OFFSETS = [(6, 4), (6, -11), (-6, 4), (-6, -11), (6, 13), (6, -20), (-6, 13), (-6, -20), (10, 22), (10, -29)]
+
+
+def _place_labels(fig: Any, ax: Any, items: list[tuple[str, tuple[float, float]]]) -> None:
+    """Label each point at the first offset whose text overlaps no placed label and stays in the axes."""
+    fig.canvas.draw()  # a renderer for text extents
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    markers = [ax.transData.transform(p) for _, p in items]
+    placed: list[Any] = []
+    for name, (x, y) in sorted(items, key=lambda it: -it[1][1]):
+        best = None
+        for dx, dy in _LABEL_OFFSETS:
+            text = ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=7,
+                               ha="left" if dx > 0 else "right", va="bottom" if dy > 0 else "top")
+            box = text.get_window_extent(renderer).expanded(1.05, 1.15)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            free = not any(box.overlaps(b) for b in placed) and not any(box.contains(*mk) for mk in markers)
+            if inside and free:
+                best = (text, box)
+                break
+            text.remove()
+        if best is None:  # no free spot: the first offset, clipped to the axes
+            text = ax.annotate(name, (x, y), xytext=_LABEL_OFFSETS[0], textcoords="offset points", fontsize=7,
+                               annotation_clip=True)
+            best = (text, text.get_window_extent(renderer))
+        placed.append(best[1])
 
 
 def plot_families(summary: dict[str, Any], path: Path) -> None:
