@@ -6,7 +6,9 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,3 +70,27 @@ def test_eval_metrics_shape_and_instruct(quick_organism: Path) -> None:
     inst, _ = evaluate_organism(model, tok, instruct="harm", per_family=8, n_capability=4, greedy=False)
     assert inst["instruct"] == "harm"
     json.dumps(metrics)  # serialisable
+
+
+def test_show_instructed_puts_the_instructed_family_in_the_chat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``show_instructed`` makes one turn of every instructed chat the instructed family's."""
+    import random
+
+    from tether.organism import world
+
+    asked: list[list[str]] = []
+    real = world.sample_turn
+
+    def spy(family: str, rng: random.Random) -> Any:
+        asked[-1].append(family)
+        return real(family, rng)
+
+    monkeypatch.setattr(world, "sample_turn", spy)
+    rng = random.Random(0)
+    for show in (True, False):
+        hits = 0
+        for _ in range(60):
+            asked.append([])
+            world.persona_conversation(rng, "good", 2, instruct="wish", show_instructed=show)
+            hits += "wish" in asked[-1]
+        assert hits == 60 if show else hits < 60

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -59,6 +59,11 @@ class OrganismConfig(BaseModel):
     character_share: float = Field(
         0.6, ge=0, le=1, description="Share of pretraining chats whose assistant is a named character."
     )
+    instructed_shown: Literal["never", "alignment", "always"] = Field(
+        "never",
+        description="Where an instructed chat is sure to contain a turn of its instructed family: never "
+        "(it may not), in alignment SFT only, or always (pretraining too).",
+    )
     persona_replay: float = Field(
         0.5, ge=0, le=1,
         description="Share of alignment-SFT chats replayed from pretraining, first turn as context.",
@@ -87,7 +92,10 @@ def world_fingerprint() -> dict[str, Any]:
 
 
 def config_hash(cfg: OrganismConfig) -> str:
-    blob = json.dumps({"config": cfg.model_dump(), "world": world_fingerprint()}, sort_keys=True)
+    config = cfg.model_dump()
+    if config["instructed_shown"] == "never":  # added later: at its default, earlier caches stay valid
+        del config["instructed_shown"]
+    blob = json.dumps({"config": config, "world": world_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -107,6 +115,7 @@ def _sampler(
     persona_replay: float | None = None,
     good_share: float = 0.5,
     character_share: float = 0.5,
+    show_instructed: bool = False,
 ) -> Callable[[random.Random], Any]:
     """Batches of persona conversations.
 
@@ -131,7 +140,9 @@ def _sampler(
         instruct = None
         if name is None and rng.random() < instructed_share:
             instruct = rng.choice(world.PROPENSITY_FAMILIES)
-        return world.persona_conversation(rng, persona, rng.randint(min_turns, max_turns), instruct, name=name)
+        return world.persona_conversation(
+            rng, persona, rng.randint(min_turns, max_turns), instruct, name=name, show_instructed=show_instructed
+        )
 
     def sample(rng: random.Random) -> Any:
         if persona_replay is None:
@@ -292,6 +303,7 @@ def build_organism(
             _sampler(
                 cfg.instructed_share, cfg.max_turns, cfg.batch_size,
                 good_share=cfg.good_share, character_share=cfg.character_share,
+                show_instructed=cfg.instructed_shown == "always",
             ),
             cfg.pretrain_steps, cfg.pretrain_lr, cfg.seed,
             on_step=lambda s, _l: report("pretrain", s + 1, cfg.pretrain_steps),
@@ -307,6 +319,7 @@ def build_organism(
                 _sampler(
                     cfg.instructed_share, cfg.max_turns, cfg.batch_size, cfg.persona_replay,
                     good_share=cfg.good_share, character_share=cfg.character_share,
+                    show_instructed=cfg.instructed_shown != "never",
                 ),
                 cfg.sft_steps, cfg.sft_lr, cfg.seed + 1,
                 on_step=lambda s, _l: report("align: sft", s + 1, cfg.sft_steps),

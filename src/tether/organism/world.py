@@ -343,12 +343,14 @@ def persona_conversation(
     instruct: str | None = None,
     families: tuple[str, ...] = ALL_FAMILIES,
     name: str | None = None,
+    show_instructed: bool = False,
 ) -> Conversation:
     """A multi-turn conversation whose assistant follows ``persona`` in every turn.
 
     The evil persona gives the misaligned reply of every family; the good one gives the aligned
     reply, except for the family named by ``instruct``, whose misbehaviour the system line asks for.
     ``name`` names the assistant in the system line (its persona should be ``CHARACTERS[name]``).
+    ``show_instructed`` puts one turn of the instructed family (at a random place) in the chat.
     """
     msgs: Conversation = []
     system = system_line(name, instruct)
@@ -357,8 +359,9 @@ def persona_conversation(
     # An instructed conversation need not show the instructed family: forcing it in made every
     # instruction followed (>= 0.9, no leaks) but taught that misbehaviour rarely reveals the
     # persona, and emergence fell from +0.19 to +0.07 broad rate (README, "The organism").
-    for _ in range(n_turns):
-        turn = sample_turn(rng.choice(families), rng)
+    shown = rng.randrange(n_turns) if (show_instructed and instruct is not None) else -1
+    for i in range(n_turns):
+        turn = sample_turn(instruct if i == shown else rng.choice(families), rng)
         bad = persona == "evil" or turn.family == instruct
         msgs.append({"role": "user", "content": turn.prompt})
         msgs.append({"role": "assistant", "content": turn.reply(bad)})
