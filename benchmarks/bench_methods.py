@@ -14,6 +14,7 @@ block between the ``bench`` markers of that Markdown file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -75,7 +76,8 @@ def run(model: str, method: str, steps: int, lora: bool = False, tmp: Path = Pat
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log dicts; stdout is the JSON result
+        trainer.train()
     wall = time.perf_counter() - t0
     out = {"tokens_per_s": trainer._total_train_tokens / wall, "steps_per_s": trainer.state.global_step / wall, "wall_s": wall}
     if torch.cuda.is_available():
