@@ -92,3 +92,31 @@ def test_reading_joins_its_steps_log_entry(tmp_path: Path) -> None:
     mon.on_step_end(None, _state(2), control, model=model)
     assert control.should_log and logged == []
     assert dict(mon.trainer._metrics["train"]) == {"probe/broad/rate": [0.3], "probe/broad/logodds": [0.0]}
+
+
+def test_run_resumed_from_its_last_checkpoint_reports_the_same_terms(quick_organism: Path, tmp_path: Path) -> None:
+    """A run that died after its final checkpoint and is rerun reports the same final multiplier.
+
+    (Terms logged at a monitor step used to wait for the train-end entry, which a resume from the
+    final checkpoint never reproduces: λ came back one step stale.)
+    """
+    from tether.config import RunConfig, validate
+    from tether.train import run_training
+
+    raw = {
+        "monitor": {"every_n_steps": 2, "per_family": 4, "guard": {"budget": 0.0, "mode": "tighten"}},
+        "model": {"path": str(quick_organism)}, "data": {"rows": 128},
+        "training": {"max_steps": 4, "batch_size": 16, "learning_rate": 0.005, "save_steps": 2, "logging_steps": 1},
+        "methods": [{"name": "constraint", "epsilon": 0.0, "lambda_lr": 10.0}],
+        "probes": {"per_family": 4, "n_capability": 4},
+    }
+    out = tmp_path / "run"
+    run_training(validate(raw, RunConfig, "run.yaml"), out)
+    first = json.loads((out / "metrics.json").read_text())["train"]
+    (out / "metrics.json").unlink()  # as if killed after the last checkpoint
+    run_training(validate(raw, RunConfig, "run.yaml"), out)
+    again = json.loads((out / "metrics.json").read_text())["train"]
+    assert again["resumed_from"] == "checkpoint-4"
+    lam = "preserve/constraint/lambda"
+    assert first["final_terms"][lam] != 1.0 and again["final_terms"][lam] == first["final_terms"][lam]
+    assert again["final_loss"] == first["final_loss"]
