@@ -81,6 +81,11 @@ def test_same_yaml_full_finetune_and_lora(quick_organism: Path, tiny_llama: Path
     assert not (lora / "model" / "model.safetensors").exists()
     assert not list((lora / "model").glob("*.bin"))
     assert m_lora["after"]["families"] != m_lora["before"]["families"]
+    # the saved adapter names its local base, so `tether eval` / `tether probe` load it merged
+    from tether.models import load_model
+
+    merged, _ = load_model(lora / "model")
+    assert not hasattr(merged, "peft_config")
 
 
 class _Kill(TrainerCallback):

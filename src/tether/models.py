@@ -3,7 +3,10 @@
 * weights load from safetensors only; a checkpoint with only pickle files (``*.bin``, ``*.pt``)
   is refused unless ``allow_pickle=True``, and even then torch loads it with ``weights_only=True``;
 * ``trust_remote_code`` is off unless the caller turns it on;
-* ``"organism"`` names the default organism, built (or taken from the cache) on demand.
+* ``"organism"`` names the default organism, built (or taken from the cache) on demand;
+* a peft LoRA adapter directory (``adapter_config.json``, as ``tether train`` saves for LoRA runs)
+  loads onto its base model (``base_model_name_or_path``, a local directory) and is merged, so
+  probes and evaluations see the fine-tuned model.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     p = resolve_model_path(str(path))
+    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
+        return _load_adapter(p, trust_remote_code, dtype, allow_pickle, device)
     check_checkpoint(p, allow_pickle)
     kwargs: dict[str, Any] = {
         "trust_remote_code": trust_remote_code,
@@ -106,6 +111,48 @@ def load_model(
     except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"could not load the tokenizer in {p}: {first}") from None
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_adapter(
+    path: Path, trust_remote_code: bool, dtype: str, allow_pickle: bool, device: str | None
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """A LoRA adapter directory: its base model (loaded as :func:`load_model` does) with the adapter merged."""
+    import json
+
+    config_file = path / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON (line {exc.lineno})") from None
+    if not base:
+        raise ModelLoadError(f"{config_file} names no base model ('base_model_name_or_path' is empty)")
+    base_dir = Path(base).expanduser()
+    if not base_dir.is_absolute():
+        base_dir = (path / base_dir) if (path / base_dir).is_dir() else base_dir
+    if not base_dir.is_dir():
+        raise ModelLoadError(
+            f"{config_file}: base_model_name_or_path '{base}' is not a local model directory; "
+            "put the base checkpoint there (tether loads models from local paths)"
+        )
+    files = [f.name for f in path.iterdir() if f.is_file()]
+    if "adapter_model.safetensors" not in files:
+        if not any(f.startswith("adapter_model") for f in files):
+            raise ModelLoadError(f"{path} has no adapter weights (no adapter_model.safetensors)")
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path} has only pickle adapter weights, which can run arbitrary code when loaded; convert "
+                "them to safetensors or pass --allow-pickle to load them with weights_only=True"
+            )
+    model, tokenizer = load_model(base_dir, trust_remote_code, dtype, allow_pickle)
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    if any(f.startswith(("tokenizer", "vocab")) for f in files):  # the run's own tokenizer, when saved
+        tokenizer = load_tokenizer(path, trust_remote_code)
     if device:
         model.to(device)
     model.eval()
