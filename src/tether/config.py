@@ -93,8 +93,9 @@ class TrainingSection(Strict):
     logging_steps: int = Field(10, ge=1)
     padding_free: bool = Field(
         True,
-        description="Concatenate each micro-batch's rows into one sequence (no padding; attention stays within "
-        "each row). Turned off automatically for methods that need padded rows, such as gradient_routing.",
+        description="No row padded to the longest: each micro-batch's rows are laid end to end (one sequence under "
+        "FlashAttention, packs of pack_tokens otherwise; attention stays within each row). Turned off "
+        "automatically for methods that need padded rows (gradient_routing's ERA form, retain_steps).",
     )
     pack_tokens: int | None = Field(
         None,

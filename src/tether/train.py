@@ -117,9 +117,10 @@ class PreservingConfig(SFTConfig):
     flat_batches: bool = field(
         default=False,
         metadata={
-            "help": "Padding-free micro-batches: the rows of a batch are concatenated into one sequence with "
-            "restarting position_ids, and attention stays within each row (transformers' packed-sequence mask). "
-            "Off when a method needs padded rows (``Method.row_batches``)."
+            "help": "Padding-free micro-batches: the rows of a batch are laid end to end with restarting "
+            "position_ids (one sequence under FlashAttention, packs of ``pack_tokens`` otherwise), and attention "
+            "stays within each row (transformers' packed-sequence mask). Off when a method needs padded rows "
+            "(``Method.row_batches``)."
         },
     )
     pack_tokens: int | None = field(

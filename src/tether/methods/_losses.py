@@ -21,14 +21,15 @@ def next_token_mask(inputs: dict[str, torch.Tensor], positions: Literal["assista
 
     Position t predicts token t+1, so ``assistant`` keeps t where ``labels[t+1]`` is trained and
     ``all`` keeps t where token t+1 is a real (non-padding) token of the same row (in a
-    padding-free batch, rows are concatenated and ``position_ids`` restart at 0 for each).
+    padding-free batch, rows lie end to end with ``position_ids`` restarting at 0 for each, and a
+    pack's padded tail has position 0 throughout — see :mod:`tether.packing`).
     """
     if positions == "assistant":
         return inputs["labels"][:, 1:] != IGNORE
     mask = inputs.get("attention_mask")
     if mask is not None:
         return mask[:, 1:].bool()
-    if "position_ids" in inputs:  # padding-free: several rows in one sequence; skip each row's first token
+    if "position_ids" in inputs:  # padding-free: skip each row's first token and every padding token
         return inputs["position_ids"][:, 1:] != 0
     return torch.ones_like(inputs["input_ids"][:, 1:], dtype=torch.bool)
 
