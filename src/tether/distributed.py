@@ -91,6 +91,36 @@ def init_process_group() -> None:
             # machine would otherwise fall back to one process per rank training alone
             os.environ["ACCELERATE_USE_CPU"] = "true"
         PartialState(cpu=os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
+    if _dist() is not None:
+        _destroy_at_exit()
+
+
+_EXIT_HOOK: list[bool] = []
+
+
+def _destroy_at_exit() -> None:
+    """Destroy the process group at interpreter exit, while Python is still whole (once per process).
+
+    A process that exits with its process group alive leaves Gloo's worker threads to be torn
+    down during interpreter finalisation, where they can abort the process with ``terminate
+    called without an active exception`` (pytorch/pytorch#190489): a finished run dying at its
+    very end. Destroying the group is local to the process, so each rank may do it on its own
+    once its last collective is done; a process may train several runs before it exits.
+    """
+    if _EXIT_HOOK:
+        return
+    _EXIT_HOOK.append(True)
+    import atexit
+
+    def destroy() -> None:
+        d = _dist()
+        if d is not None:
+            try:
+                d.destroy_process_group()
+            except Exception:  # noqa: BLE001 - exiting anyway; never turn a clean exit into an error
+                pass
+
+    atexit.register(destroy)
 
 
 # ---- collectives (no-ops in one process) ------------------------------------------------------
