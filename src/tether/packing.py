@@ -34,6 +34,11 @@ IGNORE = -100
 MIN_CAPACITY = 128
 
 
+def is_padding_free(inputs: dict[str, Any]) -> bool:
+    """Whether a collated batch is padding-free (one sequence or packs): positions, no attention mask."""
+    return "attention_mask" not in inputs and "position_ids" in inputs
+
+
 def row_spans(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(pack, start, end)`` of every real row of a padding-free batch ``[k, W]``, in row order."""
     spans: list[tuple[int, int, int]] = []
@@ -115,23 +120,30 @@ def varlen_attention(model: Any) -> bool:
     return "flash" in impl
 
 
-class PackingCollator:
-    """Wraps TRL's padding-free collator: its single sequence becomes packs of ``capacity`` tokens."""
+class WrappingCollator:
+    """A collator around another (``inner``), which answers for every attribute it does not have."""
 
-    def __init__(self, flat: Any, capacity: int) -> None:
-        self.flat = flat
-        self.capacity = capacity
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
 
     def __getattr__(self, name: str) -> Any:  # pad_token_id, padding_free, ... of TRL's collator
-        if name == "flat":
+        if name == "inner":
             raise AttributeError(name)
-        return getattr(self.flat, name)
+        return getattr(self.inner, name)
+
+
+class PackingCollator(WrappingCollator):
+    """Wraps TRL's padding-free collator: its single sequence becomes packs of ``capacity`` tokens."""
+
+    def __init__(self, inner: Any, capacity: int) -> None:
+        super().__init__(inner)
+        self.capacity = capacity
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.flat(examples)
+        batch = self.inner(examples)
         rows = unpack_rows(batch)
         longest = max(int(r["input_ids"].numel()) for r in rows)
-        packed = pack_rows(rows, max(self.capacity, longest), int(self.flat.pad_token_id or 0))
+        packed = pack_rows(rows, max(self.capacity, longest), int(self.inner.pad_token_id or 0))
         return {**{k: v for k, v in batch.items() if k not in _FLAT_ONLY}, **packed}
 
 

@@ -43,7 +43,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tether.errors import ConfigError, TetherError
 from tether.methods.base import Method, TrainingData
-from tether.packing import PackingCollator, default_capacity, real_tokens, varlen_attention
+from tether.packing import PackingCollator, WrappingCollator, default_capacity, is_padding_free, real_tokens, varlen_attention
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -307,7 +307,7 @@ class PreservingTrainer(SFTTrainer):
         routed = inputs.pop("routed", None)  # never reaches the model's forward
         tokens_before = getattr(self, "_total_train_tokens", None)
         result = self._compute_loss(model, inputs, routed, return_outputs, num_items_in_batch)
-        if tokens_before is not None and model.training and "position_ids" in inputs and "attention_mask" not in inputs:
+        if tokens_before is not None and model.training and is_padding_free(inputs):
             # TRL counts a padding-free batch as position_ids.size(1) tokens: right for one
             # sequence, not for packs (or sub-batches); count the real rows' tokens instead
             real = torch.tensor(real_tokens(inputs["position_ids"]), device=inputs["position_ids"].device)
@@ -467,14 +467,9 @@ def _flat_matches_rows(model: Any, dataset: Any, rows: Any, flat: Any) -> bool:
     lengths = [len(e["input_ids"]) for e in examples]
     device = next(model.parameters()).device
     padded = {k: v.to(device) for k, v in rows(examples).items() if k in ("input_ids", "attention_mask")}
-    capacity = getattr(flat, "capacity", None)
-    if capacity is not None:
-        flat.capacity = max(lengths[0] + lengths[1], lengths[2] + 1)
-    try:
-        packed = {k: v.to(device) for k, v in flat(examples).items() if k in ("input_ids", "position_ids")}
-    finally:
-        if capacity is not None:
-            flat.capacity = capacity
+    if isinstance(flat, PackingCollator):  # rows 0 and 1 fill one pack; row 2 starts another
+        flat = PackingCollator(flat.inner, max(lengths[0] + lengths[1], lengths[2] + 1))
+    packed = {k: v.to(device) for k, v in flat(examples).items() if k in ("input_ids", "position_ids")}
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -494,19 +489,11 @@ def _flat_matches_rows(model: Any, dataset: Any, rows: Any, flat: Any) -> bool:
     return ok
 
 
-class _RoutedCollator:
+class _RoutedCollator(WrappingCollator):
     """Wraps TRL's collator: a ``contaminated`` column becomes ``batch["routed"]`` (bool ``[batch]``).
 
     Rows without the key count as not contaminated; a batch where no row has it gets no ``routed``.
     """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:  # pad_token_id, padding_free, ... of TRL's collator
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         labelled = any("contaminated" in e for e in examples)

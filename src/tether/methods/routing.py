@@ -358,9 +358,9 @@ class GradientRouting(Method):
     ) -> "torch.Tensor | None":
         import torch
 
-        from tether.packing import row_spans
+        from tether.packing import is_padding_free, row_spans
 
-        n = len(row_spans(inputs["position_ids"])) if _is_flat(inputs) else inputs["input_ids"].shape[0]
+        n = len(row_spans(inputs["position_ids"])) if is_padding_free(inputs) else inputs["input_ids"].shape[0]
         r = routed.to(torch.bool) if routed is not None else torch.zeros(n, dtype=torch.bool)
         r = r.to(inputs["input_ids"].device)
         ctx.log(self.name, "routed_share", float(r.float().mean()))
@@ -444,18 +444,13 @@ class GradientRouting(Method):
 # ---- helpers -------------------------------------------------------------------------------------
 
 
-def _is_flat(inputs: dict[str, Any]) -> bool:
-    """A padding-free batch: rows end to end in one sequence or in packs (tether.packing)."""
-    return "attention_mask" not in inputs and "position_ids" in inputs
-
-
 def _rows(inputs: dict[str, Any], keep: "torch.Tensor") -> dict[str, Any]:
     """The rows ``keep`` of a collated batch, right padding trimmed to the longest kept row."""
     import torch
 
-    if _is_flat(inputs):
-        from tether.packing import select_rows
+    from tether.packing import is_padding_free, select_rows
 
+    if is_padding_free(inputs):
         return select_rows(inputs, keep)
     n = inputs["input_ids"].shape[0]
     out = {k: v[keep] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n else v for k, v in inputs.items()}
