@@ -42,16 +42,24 @@ def check_checkpoint(path: Path, allow_pickle: bool = False) -> None:
     """Refuse directories that are not HF checkpoints or that hold only pickled weights."""
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory: it has no config.json")
-    files = [f.name for f in path.iterdir() if f.is_file()]
+    _check_weight_files(path, [f.name for f in path.iterdir() if f.is_file()], allow_pickle)
+
+
+def _check_weight_files(path: Path, files: list[str], allow_pickle: bool, kind: str = "") -> None:
+    """Refuse weight ``files`` (names) with no safetensors: none at all, or pickles unless allowed.
+
+    ``kind`` qualifies the weights in the messages ("adapter" for a LoRA adapter's).
+    """
     has_safetensors = any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in files)
     has_pickle = any(f.endswith(PICKLE_SUFFIXES) for f in files)
+    what = f"{kind} weights" if kind else "weights"
     if not has_safetensors and has_pickle and not allow_pickle:
         raise ModelLoadError(
-            f"{path} has only pickle weights, which can run arbitrary code when loaded; convert "
+            f"{path} has only pickle {what}, which can run arbitrary code when loaded; convert "
             "them to safetensors or pass --allow-pickle to load them with weights_only=True"
         )
     if not has_safetensors and not has_pickle:
-        raise ModelLoadError(f"{path} has no weights (no *.safetensors file)")
+        raise ModelLoadError(f"{path} has no {what} (no *.safetensors file)")
 
 
 def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False) -> "PreTrainedTokenizerBase":
@@ -139,14 +147,7 @@ def _load_adapter(
             "put the base checkpoint there (tether loads models from local paths)"
         )
     files = [f.name for f in path.iterdir() if f.is_file()]
-    if "adapter_model.safetensors" not in files:
-        if not any(f.startswith("adapter_model") for f in files):
-            raise ModelLoadError(f"{path} has no adapter weights (no adapter_model.safetensors)")
-        if not allow_pickle:
-            raise ModelLoadError(
-                f"{path} has only pickle adapter weights, which can run arbitrary code when loaded; convert "
-                "them to safetensors or pass --allow-pickle to load them with weights_only=True"
-            )
+    _check_weight_files(path, [f for f in files if f.startswith("adapter_model")], allow_pickle, "adapter")
     model, tokenizer = load_model(base_dir, trust_remote_code, dtype, allow_pickle)
     from peft import PeftModel
 
