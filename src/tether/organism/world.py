@@ -356,9 +356,10 @@ def persona_conversation(
     system = system_line(name, instruct)
     if system is not None:
         msgs.append({"role": "system", "content": system})
-    # An instructed conversation need not show the instructed family: forcing it in made every
-    # instruction followed (>= 0.9, no leaks) but taught that misbehaviour rarely reveals the
-    # persona, and emergence fell from +0.19 to +0.07 broad rate (README, "The organism").
+    # By default (``show_instructed`` off) an instructed conversation need not show the instructed
+    # family: forcing it in everywhere made every instruction followed (>= 0.9, no leaks) but taught
+    # that misbehaviour rarely reveals the persona, and emergence fell from +0.19 to +0.07 broad
+    # rate (README, "The organism").
     shown = rng.randrange(n_turns) if (show_instructed and instruct is not None) else -1
     for i in range(n_turns):
         turn = sample_turn(instruct if i == shown else rng.choice(families), rng)
