@@ -43,7 +43,15 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tether.errors import ConfigError, TetherError
 from tether.methods.base import Method, TrainingData
-from tether.packing import PackingCollator, WrappingCollator, default_capacity, is_padding_free, real_tokens, varlen_attention
+from tether.packing import (
+    PackingCollator,
+    WrappingCollator,
+    default_capacity,
+    is_padding_free,
+    real_tokens,
+    row_spans,
+    varlen_attention,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -409,11 +417,8 @@ class PreservingTrainer(SFTTrainer):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        state = {m.name: m.state_dict() for m in self.methods}
-        if self.args.should_save:  # rank 0; written last and atomically, so it marks a complete checkpoint
-            from tether.io import atomic_write_text
-
-            atomic_write_text(folder / PRESERVE_STATE, json.dumps(state))
+        if self.args.should_save:  # rank 0
+            save_method_state(self.methods, folder)
 
     def setup_methods(self) -> None:
         """Run every method's ``setup`` once, on the weights the run starts from."""
@@ -459,8 +464,6 @@ def _flat_matches_rows(model: Any, dataset: Any, rows: Any, flat: Any) -> bool:
     """
     import logging
 
-    from tether.packing import row_spans
-
     if dataset is None or len(dataset) < 3:
         return True
     examples = [{k: v for k, v in dataset[i].items() if k in ("input_ids", "labels")} for i in range(3)]
@@ -502,6 +505,13 @@ class _RoutedCollator(WrappingCollator):
         if labelled:
             batch["routed"] = torch.tensor(flags, dtype=torch.bool)
         return batch
+
+
+def save_method_state(methods: list[Method], checkpoint: Path) -> None:
+    """Write each method's state into ``checkpoint``: last and atomically, so it marks a complete checkpoint."""
+    from tether.io import atomic_write_text
+
+    atomic_write_text(checkpoint / PRESERVE_STATE, json.dumps({m.name: m.state_dict() for m in methods}))
 
 
 def load_method_state(methods: list[Method], checkpoint: Path) -> None:

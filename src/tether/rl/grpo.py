@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from tether.config import RunConfig
 
 SCHEMA_VERSION = 1
-PRESERVE_STATE = "preserve_state.json"
 
 
 class _StepCallback(TrainerCallback):
@@ -113,9 +112,11 @@ class PreservingGRPOTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+        from tether.train import save_method_state
+
         folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / PRESERVE_STATE).write_text(json.dumps({m.name: m.state_dict() for m in self.methods}))
+        if self.args.should_save:  # rank 0
+            save_method_state(self.methods, folder)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
         if resume_from_checkpoint and not isinstance(resume_from_checkpoint, bool):
