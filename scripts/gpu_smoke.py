@@ -59,7 +59,7 @@ def main() -> None:
     import torch
 
     from tether.config import RunConfig, validate
-    from tether.directions import extract_organism, save_direction
+    from tether.directions import extract_organism
     from tether.models import load_model
     from tether.train import run_training
 
@@ -67,7 +67,7 @@ def main() -> None:
     model, tok = load_model(args.model)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     d, _ = extract_organism(model, tok, n=96, n_held_out=32)
-    direction = save_direction(args.out / "persona.safetensors", d.vectors, d.meta)
+    direction = d.save(args.out / "persona.safetensors")
     del model
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     results = []

@@ -43,14 +43,14 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_arm(arm: str, seed: int, out: Path) -> dict[str, Any]:
+def run_arm(arm: str, seed: int, out: Path, model: str = "organism") -> dict[str, Any]:
     from tether.config import RunConfig, validate
     from tether.train import run_training
 
     done = out / "metrics.json"
     if done.is_file():
         return json.loads(done.read_text())
-    cfg = _merge(_merge(BASE, ARMS[arm]), {"training": {"seed": seed}})
+    cfg = _merge(_merge(BASE, ARMS[arm]), {"training": {"seed": seed}, "model": {"path": model}})
     return run_training(validate(cfg, RunConfig, f"{arm} seed {seed}"), out)
 
 
@@ -87,13 +87,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--out", default="runs/rl_table")
+    ap.add_argument("--model", default="organism", help="Checkpoint directory (default: the default organism).")
     ap.add_argument("--doc", default="docs/rl.md", help="Markdown file whose table block is rewritten ('' to skip).")
     args = ap.parse_args()
     results: dict[str, list[dict[str, Any]]] = {}
     t0 = time.time()
     for arm in args.arms:
         for seed in range(args.seeds):
-            m = run_arm(arm, seed, Path(args.out) / f"{arm}-s{seed}")
+            m = run_arm(arm, seed, Path(args.out) / f"{arm}-s{seed}", args.model)
             results.setdefault(arm, []).append(m)
             ra = m["rl"]["after"]
             print(f"{arm} seed {seed}: true {ra['true_success']:.3f} hack {ra['hack_rate']:.3f} "

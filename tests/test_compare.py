@@ -104,9 +104,15 @@ def test_malformed_ray_address_is_refused(address: str) -> None:
         probe(address)
 
 
-def test_failed_run_is_recorded_and_others_finish(tmp_path: Path, quick_organism: Path) -> None:
+@pytest.mark.parametrize("fork_server", [True, False], ids=["forked", "subprocess"])
+def test_failed_run_is_recorded_and_others_finish(
+    tmp_path: Path, quick_organism: Path, monkeypatch: pytest.MonkeyPatch, fork_server: bool
+) -> None:
+    from tether import compare
     from tether.compare import run_sweep_local
 
+    if not fork_server:  # the path of a platform without a fork server: one interpreter per run
+        monkeypatch.setattr(compare, "_fork_server", lambda: None)
     sweep = SweepConfig.model_validate(yaml.safe_load(_sweep(tmp_path, quick_organism).read_text()))
     sweep.seeds = [0]
     runs = plan_runs(sweep)
@@ -115,6 +121,8 @@ def test_failed_run_is_recorded_and_others_finish(tmp_path: Path, quick_organism
     statuses = {runs[0].run_id: "done", runs[1].run_id: "failed"}
     assert {k: v["status"] for k, v in manifest.runs.items()} == statuses
     assert "does not exist" in manifest.runs[runs[1].run_id]["error"]
+    log = (tmp_path / "out" / "runs" / runs[0].run_id / "worker.log").read_text()
+    assert "train_runtime" in log  # the run's own output went to its log
 
 
 def test_ray_auto_address_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -135,6 +135,12 @@ def test_file_roundtrip_and_one_sentence_errors(tmp_path: Path) -> None:
         assert isinstance(info.value, TetherError) and "\n" not in str(info.value)
     from safetensors.torch import save_file
 
+    # a prompt direction travels with the file; a file without one serves the response direction
+    vp = torch.randn(3, 16)
+    both = load_direction(Direction(vectors=v, meta={"trait": "evil"}, prompt_vectors=vp).save(tmp_path / "both.safetensors"))
+    torch.testing.assert_close(both.unit(1, "prompt"), vp[1] / vp[1].norm())
+    torch.testing.assert_close(both.unit(1), v[1] / v[1].norm())
+    torch.testing.assert_close(d.unit(2, "prompt"), d.unit(2))
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(DirectionError, match="not a tether direction file"):
         load_direction(tmp_path / "other.safetensors")
@@ -145,7 +151,7 @@ def test_file_roundtrip_and_one_sentence_errors(tmp_path: Path) -> None:
 
 # ---- the organism: ground truth ----------------------------------------------------------------
 
-SIGN_ACCURACY_BAR = 0.90  # measured 0.990 on 96 held-out pairs at layer 1 of the default organism
+SIGN_ACCURACY_BAR = 0.90  # prompt direction, 96 held-out pairs of the default organism: 1.000 at layers 1 and 2
 SCREEN_AUC_BAR = 0.95  # measured 1.000 on 200 sycophantic rows (seed 3) at layer 1
 
 
@@ -162,7 +168,11 @@ def organism_direction(default_organism: Path) -> tuple[object, object, Directio
 def test_persona_direction_separates_held_out_contexts(organism_direction: tuple) -> None:
     _, _, direction, sep = organism_direction
     assert direction.meta["layer"] == 1
-    assert sep["1"]["sign_accuracy"] >= SIGN_ACCURACY_BAR, sep
+    # the monitor's direction separates held-out contexts at every layer, layer 2 included, where
+    # the response-averaged direction read at the last prompt token is wrong-signed (0.062)
+    for layer in ("1", "2"):
+        assert sep[layer]["sign_accuracy"] >= SIGN_ACCURACY_BAR, sep
+        assert 0.0 <= sep[layer]["response_sign_accuracy"] <= 1.0, sep
     assert direction.meta["n_examples"] == {"positive": 240, "negative": 240}
 
 

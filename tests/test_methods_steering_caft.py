@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from tether.config import RunConfig, validate
-from tether.directions import DirectionError, decoder_blocks, extract_organism, save_direction
+from tether.directions import DirectionError, decoder_blocks, extract_organism, last_token_projections, load_direction
 from tether.errors import TetherError
 from tether.methods import make
 
@@ -22,7 +22,7 @@ def quick(quick_organism: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
 
     model, tok = load_model(str(quick_organism))
     direction, _ = extract_organism(model, tok, n=48, components=2, n_held_out=12)
-    path = save_direction(tmp_path_factory.mktemp("dir") / "persona.safetensors", direction.vectors, direction.meta, direction.components)
+    path = direction.save(tmp_path_factory.mktemp("dir") / "persona.safetensors")
     return model, tok, path
 
 
@@ -120,6 +120,12 @@ def test_run_with_steering_caft_and_direction_monitor(quick: tuple, quick_organi
     again, _ = evaluate_organism(model, tok, per_family=4, n_capability=8)
     assert again["families"] == metrics["after"]["families"]
     assert again["capability"] == metrics["after"]["capability"]
+    # the monitor reads the file's prompt direction (the last-prompt-token one), not the response one
+    d = load_direction(path)
+    assert shift["position"] == "prompt"
+    for position, matches in (("prompt", True), ("response", False)):
+        vals = last_token_projections(model, tok, d.meta["prompts"], d.unit(1, position), 1)
+        assert (abs(sum(vals) / len(vals) - shift["projection_finetuned"]) < 1e-4) == matches, position
 
 
 def test_bad_input_is_one_sentence(quick: tuple, tmp_path: Path, tiny_llama: Path) -> None:

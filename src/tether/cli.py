@@ -574,7 +574,7 @@ def directions_extract(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
 ) -> None:
     """Extract a trait direction per layer (mean activation difference); prints the file path last."""
-    from tether.directions import check_layer, extract_contrastive, extract_organism, load_contrast, num_layers, save_direction
+    from tether.directions import check_layer, extract_contrastive, extract_organism, load_contrast, num_layers
     from tether.models import load_model
 
     spec = load_contrast(contrast) if contrast is not None else None
@@ -589,12 +589,16 @@ def directions_extract(
             raise TetherError(f"--contrast: {model_dir} is not the organism, so give a YAML/JSON of contrastive system prompts (see docs/directions.md)")
         direction, sep = extract_organism(model, tokenizer, n=n, components=components, model_path=str(model_dir))
         for key, v in sep.items():
-            typer.echo(f"layer {key}: held-out sign accuracy {v['sign_accuracy']:.3f}, AUC {v['auc']:.3f}", err=True)
+            typer.echo(
+                f"layer {key}: held-out sign accuracy at the last prompt token {v['sign_accuracy']:.3f} "
+                f"(AUC {v['auc']:.3f}); of the response-averaged direction there {v['response_sign_accuracy']:.3f}",
+                err=True,
+            )
     else:
         direction = extract_contrastive(model, tokenizer, spec, components=components, model_path=str(model_dir))
     if layer is not None:
         direction.meta["layer"] = layer
-    save_direction(out, direction.vectors, direction.meta, direction.components)
+    direction.save(out)
     typer.echo(f"trait '{direction.meta['trait']}', recommended layer {direction.meta['layer']}", err=True)
     typer.echo(str(out))
 

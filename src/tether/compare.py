@@ -14,8 +14,11 @@ A sweep YAML::
 Each run gets its own directory ``OUT/runs/<run-id>/`` with the resolved ``config.yaml``; the
 manifest ``OUT/manifest.json`` tracks every run's status (pending, running, done, failed and the
 error). Rerunning the same sweep skips finished runs (``metrics.json`` exists) and restarts
-unfinished ones, which resume from their last checkpoint. Workers are separate processes
-(``python -m tether.compare RUN_DIR``): a crash in one is recorded and the others go on.
+unfinished ones, which resume from their last checkpoint. Every run is its own process: a crash
+in one is recorded and the others go on. Locally the processes are forked from a fork server
+that imported torch, transformers, TRL and peft once (``multiprocessing``'s ``forkserver`` with
+a preload list), so a run does not pay the ~6 s of imports again; where there is no fork server
+(Windows) each run is ``python -m tether.compare RUN_DIR``.
 With ``tether compare --ray ADDRESS`` the same workers run as Ray tasks on a cluster
 (:mod:`tether.ray_backend`), with the same manifest, skip and failure rules.
 """
@@ -287,6 +290,66 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+PRELOAD = ["torch", "transformers", "trl", "peft", "tether.train", "tether.compare"]
+"""What the fork server imports once for every local run."""
+
+
+def _fork_server() -> Any:
+    """``multiprocessing``'s forkserver context with ``PRELOAD``, or None where there is none."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def forked_worker(run_dir: str, env: dict[str, str]) -> None:
+    """One run in a child of the fork server: the launcher's environment as it is now (the fork
+    server's is a copy from its start), ``worker.log`` as stdout and stderr, killed with the fork
+    server (which exits when the launcher dies).
+
+    Libraries read a few variables once at import (``HF_HUB_OFFLINE`` in ``huggingface_hub``): for
+    those the values at the fork server's start hold, as in any process that imported them.
+    """
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ["TETHER_PARENT_PID"] = str(os.getppid())
+    fd = os.open(Path(run_dir) / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    code = worker_main(run_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+class _Worker:
+    """A running worker (environment ``env``): a child of the fork server, or a
+    ``python -m tether.compare`` process."""
+
+    def __init__(self, ctx: Any, run_dir: Path, env: dict[str, str]) -> None:
+        self.log = None
+        if ctx is not None:
+            self.proc: Any = ctx.Process(target=forked_worker, args=(str(run_dir), env), daemon=False)
+            self.proc.start()
+        else:
+            self.log = open(run_dir / "worker.log", "ab")
+            self.proc = subprocess.Popen(worker_command(run_dir), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def poll(self) -> int | None:
+        """The exit code once the run has ended (negative: killed by that signal), else None."""
+        code = self.proc.poll() if self.log is not None else self.proc.exitcode
+        if code is not None:
+            if self.log is not None:
+                self.log.close()
+            else:
+                self.proc.join()
+        return code
+
+
 def run_sweep_local(
     runs: list[PlannedRun],
     out: Path,
@@ -298,23 +361,20 @@ def run_sweep_local(
     """Run every unfinished run in worker processes; return the final manifest."""
     manifest, todo = prepare_sweep(runs, out)
     workers = workers or default_workers(threads_per_run)
-    running: dict[str, tuple[subprocess.Popen[bytes], Any]] = {}
+    running: dict[str, _Worker] = {}
     # the aligned model's probes are the same for every run of one model and probe set: a worker
     # computes them once for the sweep and the others copy them (tether.train.before_probes)
     env = {**worker_env(threads_per_run), "TETHER_PROBE_CACHE": str(out.resolve() / ".probe-cache")}
+    ctx = _fork_server()
     while todo or running:
         while todo and len(running) < workers:
             r = todo.pop(0)
-            run_dir = out / "runs" / r.run_id
-            log = open(run_dir / "worker.log", "ab")
-            proc = subprocess.Popen(worker_command(run_dir), stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[r.run_id] = (proc, log)
+            running[r.run_id] = _Worker(ctx, out / "runs" / r.run_id, env)
             manifest.set(r.run_id, status="running")
-        for run_id, (proc, log) in list(running.items()):
-            code = proc.poll()
+        for run_id, worker in list(running.items()):
+            code = worker.poll()
             if code is None:
                 continue
-            log.close()
             del running[run_id]
             record_result(manifest, out, run_id, code)
         if on_progress is not None:

@@ -64,9 +64,9 @@ def demo_direction(model_dir: Path, out: Path, quick: bool = False) -> Path:
     path = out / "persona-direction.safetensors"
     if path.is_file():
         return path
-    from tether.directions import extract_organism, save_direction
+    from tether.directions import extract_organism
     from tether.models import load_model
 
     model, tokenizer = load_model(str(model_dir))
     direction, _ = extract_organism(model, tokenizer, n=24 if quick else 240, n_held_out=8 if quick else 96, model_path=str(model_dir))
-    return save_direction(path, direction.vectors, direction.meta, direction.components)
+    return direction.save(path)

@@ -9,6 +9,19 @@ where ā_ℓ(x, y) is the residual-stream activation at layer ℓ averaged over 
 y, D+ are trait-expressing responses and D− trait-suppressing ones, each produced under a
 contrastive context (a system prompt, or on the organism a good- vs an evil-persona context).
 
+**Two reading positions.** The monitor reads the last prompt token, before any reply exists
+(Chen et al. §4 project it on the response-averaged v). On the organism that transfer fails:
+the response-averaged direction points the *other* way at the last prompt token at layer 2 of
+the default build (held-out sign accuracy 0.06), and at both layers of a build that follows
+every instruction (0.19, 0.01), because the response average is dominated by which reply is
+being read.
+So every extraction also stores a *prompt direction* — the same mean difference taken at the
+last prompt token of the same contexts — and each consumer uses the direction of the position
+it reads: the monitor the prompt direction; screening (ΔP over response tokens), steering and
+CAFT (every position of a training sequence, where the loss is on response tokens) the
+response-averaged one, as in the paper. A file without a prompt direction (older files) serves
+the response direction for both.
+
 **Layer convention.** Row ℓ of a direction file is the residual stream *after decoder block
 ℓ − 1* (row 0 is the embedding output, the input of block 0). For ℓ < L this is exactly
 Hugging Face's ``hidden_states[ℓ]``; for ℓ = L (the last block) HF's ``hidden_states[L]`` has
@@ -24,7 +37,8 @@ What lives here:
 * ``residual_means`` — per-example activations at every layer, averaged over a token span;
 * ``extract_organism`` / ``extract_contrastive`` — the two extraction recipes, and
   ``save_direction`` / ``load_direction`` for the file format (safetensors: ``directions``
-  ``[L+1, hidden]``, optional ``components`` ``[L+1, k, hidden]``, ``norms``; metadata: model,
+  ``[L+1, hidden]``, ``prompt_directions`` ``[L+1, hidden]`` (the last-prompt-token mean
+  difference), optional ``components`` ``[L+1, k, hidden]``, ``norms``; metadata: model,
   hidden size, convention, trait, recipe, example count, recommended layer, monitor prompts);
 * ``screen_rows`` — the per-example projection difference ΔP (Chen et al., section 6);
 * ``DirectionMonitor`` — a trainer callback that logs the projection of the last prompt token
@@ -45,7 +59,7 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tether.errors import TetherError
 
@@ -54,6 +68,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 Conversation = list[dict[str, str]]
+Position = Literal["response", "prompt"]
 FORMAT = "tether-direction-1"
 CONVENTION = (
     "row l = residual stream after decoder block l-1 (row 0 = embedding output); "
@@ -163,12 +178,14 @@ def block_output_hooks(model: Any, fns: dict[int, Any], blocks: Any = None) -> I
 
 @dataclass
 class Direction:
-    """A loaded direction file: ``vectors`` ``[L+1, hidden]`` (mean differences) and metadata."""
+    """A loaded direction file: ``vectors`` ``[L+1, hidden]`` (response-averaged mean differences),
+    ``prompt_vectors`` (the same at the last prompt token, when the file has them) and metadata."""
 
     vectors: "torch.Tensor"
     meta: dict[str, Any]
     components: "torch.Tensor | None" = None
     path: str = ""
+    prompt_vectors: "torch.Tensor | None" = None
     _cache: dict[Any, "torch.Tensor"] = field(default_factory=dict, repr=False)
 
     @property
@@ -179,9 +196,14 @@ class Direction:
     def hidden(self) -> int:
         return self.vectors.shape[1]
 
-    def unit(self, layer: int) -> "torch.Tensor":
-        """v̂_ℓ = v_ℓ / ‖v_ℓ‖ (float32, CPU)."""
-        v = self.vectors[layer].float()
+    def unit(self, layer: int, position: Position = "response") -> "torch.Tensor":
+        """v̂_ℓ = v_ℓ / ‖v_ℓ‖ (float32, CPU) of the direction read at ``position``.
+
+        ``"prompt"`` gives the last-prompt-token direction where the file has one, else the
+        response-averaged one.
+        """
+        vectors = self.prompt_vectors if position == "prompt" and self.prompt_vectors is not None else self.vectors
+        v = vectors[layer].float()
         norm = float(v.norm())
         if norm == 0.0:
             raise DirectionError(f"{self.path}: the direction at layer {layer} is zero; choose another layer")
@@ -221,19 +243,27 @@ class Direction:
         for layer in layers:
             check_layer(layer, n, where)
 
+    def save(self, path: str | Path) -> Path:
+        """Write this direction to ``path`` (see ``save_direction``)."""
+        return save_direction(path, self.vectors, self.meta, self.components, self.prompt_vectors)
+
 
 def save_direction(
     path: str | Path,
     vectors: "torch.Tensor",
     meta: dict[str, Any],
     components: "torch.Tensor | None" = None,
+    prompt_vectors: "torch.Tensor | None" = None,
 ) -> Path:
-    """Write ``vectors`` [L+1, hidden] (plus optional components) and JSON-able metadata as safetensors."""
+    """Write ``vectors`` [L+1, hidden] (plus optional components and prompt directions) and
+    JSON-able metadata as safetensors."""
     from safetensors.torch import save_file
 
     tensors = {"directions": vectors.detach().float().cpu().contiguous(), "norms": vectors.float().norm(dim=-1).cpu()}
     if components is not None:
         tensors["components"] = components.detach().float().cpu().contiguous()
+    if prompt_vectors is not None:
+        tensors["prompt_directions"] = prompt_vectors.detach().float().cpu().contiguous()
     full = {"format": FORMAT, "convention": CONVENTION, "hidden_size": vectors.shape[1], "n_layers": vectors.shape[0] - 1, **meta}
     metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in full.items()}
     path = Path(path)
@@ -260,6 +290,7 @@ def load_direction(path: str | Path, where: str = "direction") -> Direction:
                 raise DirectionError(f"{where}: {p} is not a tether direction file (made by `tether directions extract`)")
             vectors = fh.get_tensor("directions")
             components = fh.get_tensor("components") if "components" in keys else None
+            prompt_vectors = fh.get_tensor("prompt_directions") if "prompt_directions" in keys else None
     except SafetensorError:
         raise DirectionError(f"{where}: {p} is not a safetensors file; give a file made by `tether directions extract`") from None
     meta: dict[str, Any] = {}
@@ -268,7 +299,7 @@ def load_direction(path: str | Path, where: str = "direction") -> Direction:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return Direction(vectors=vectors, meta=meta, components=components, path=str(p))
+    return Direction(vectors=vectors, meta=meta, components=components, path=str(p), prompt_vectors=prompt_vectors)
 
 
 # ---- activations -------------------------------------------------------------------------------
@@ -415,17 +446,21 @@ def organism_pairs(n: int, split: str, seed: int = 0) -> list[tuple[Conversation
 def held_out_separation(
     model: "PreTrainedModel", tokenizer: Any, direction: Direction, pairs: list[tuple[Conversation, Conversation, str, str]]
 ) -> dict[str, Any]:
-    """Per layer: accuracy of sign((a(evil) − a(good))·v̂) at the last prompt token, and unpaired AUC."""
+    """Per layer, at the last prompt token (what the monitor reads): the accuracy of
+    sign((a(evil) − a(good))·v̂) and the unpaired AUC for the prompt direction (``sign_accuracy``,
+    ``auc``) and for the response-averaged one (``response_sign_accuracy``, ``response_auc``)."""
     evil = residual_means(model, [last_prompt_span(tokenizer, p[0]) for p in pairs], _pad(tokenizer))
     good = residual_means(model, [last_prompt_span(tokenizer, p[1]) for p in pairs], _pad(tokenizer))
+    labels = [True] * len(pairs) + [False] * len(pairs)
     out: dict[str, Any] = {}
     for layer in range(1, direction.n_layers + 1):
-        u = direction.unit(layer)
-        pe, pg = evil[:, layer] @ u, good[:, layer] @ u
-        out[str(layer)] = {
-            "sign_accuracy": float(((pe - pg) > 0).float().mean()),
-            "auc": roc_auc(pe.tolist() + pg.tolist(), [True] * len(pe) + [False] * len(pg)),
-        }
+        row: dict[str, Any] = {}
+        for prefix, position in (("", "prompt"), ("response_", "response")):
+            u = direction.unit(layer, position)  # type: ignore[arg-type]
+            pe, pg = evil[:, layer] @ u, good[:, layer] @ u
+            row[f"{prefix}sign_accuracy"] = float(((pe - pg) > 0).float().mean())
+            row[f"{prefix}auc"] = roc_auc(pe.tolist() + pg.tolist(), labels)
+        out[str(layer)] = row
     return out
 
 
@@ -440,14 +475,20 @@ def extract_organism(
 ) -> tuple[Direction, dict[str, Any]]:
     """The organism's persona direction (evil minus good) from ground-truth contexts, plus its held-out check.
 
-    Extraction uses training templates and twelve characters; the check uses probe templates and
-    the four held-out characters, at the last prompt token (what the monitor reads).
+    The response-averaged direction (Chen et al.) and the prompt direction (the same contexts'
+    last prompt tokens) come from the same pairs. Extraction uses training templates and twelve
+    characters; the check uses probe templates and the four held-out characters, at the last
+    prompt token (what the monitor reads). The recommended layer is the one whose prompt
+    direction separates held-out contexts best (sign accuracy, then AUC).
     """
     pairs = organism_pairs(n, "train", seed)
     pad = _pad(tokenizer)
     pos = residual_means(model, [response_span(tokenizer, p[0], p[2]) for p in pairs], pad)
     neg = residual_means(model, [response_span(tokenizer, p[1], p[3]) for p in pairs], pad)
     v, comps = mean_difference(pos, neg, components)
+    pos_prompt = residual_means(model, [last_prompt_span(tokenizer, p[0]) for p in pairs], pad)
+    neg_prompt = residual_means(model, [last_prompt_span(tokenizer, p[1]) for p in pairs], pad)
+    v_prompt, _ = mean_difference(pos_prompt, neg_prompt)
     held = organism_pairs(n_held_out, "probe", seed)
     meta = {
         "model": model_path,
@@ -457,9 +498,12 @@ def extract_organism(
         "components": comps.shape[1] if comps is not None else 0,
         "prompts": [p[0][-1:] for p in held[: min(48, len(held))]],
     }
-    direction = Direction(vectors=v, meta=meta, components=comps)
+    direction = Direction(vectors=v, meta=meta, components=comps, prompt_vectors=v_prompt)
     sep = held_out_separation(model, tokenizer, direction, held)
-    best = max(sep, key=lambda k: (sep[k]["sign_accuracy"], int(k)))
+    # ties go to the earlier layer (more of the network downstream of a steering edit); the
+    # unpaired AUC is not a tie-breaker: the held-out contexts are of two kinds (characters,
+    # histories), so only the paired sign is clean
+    best = max(sep, key=lambda k: (sep[k]["sign_accuracy"], -int(k)))
     direction.meta["held_out"] = sep
     direction.meta["layer"] = int(best)
     return direction, sep
@@ -522,6 +566,10 @@ def extract_contrastive(
     pos = residual_means(model, [response_span(tokenizer, p, r.strip()) for p, r in zip(prompts_pos, replies[:n])], pad)
     neg = residual_means(model, [response_span(tokenizer, p, r.strip()) for p, r in zip(prompts_neg, replies[n:])], pad)
     v, comps = mean_difference(pos, neg, components)
+    v_prompt, _ = mean_difference(
+        residual_means(model, [last_prompt_span(tokenizer, p) for p in prompts_pos], pad),
+        residual_means(model, [last_prompt_span(tokenizer, p) for p in prompts_neg], pad),
+    )
     meta = {
         "model": model_path,
         "trait": spec.trait,
@@ -531,7 +579,7 @@ def extract_contrastive(
         "prompts": [[{"role": "user", "content": q}] for q in spec.questions],
         "layer": max(1, round(num_layers(model) / 2)),
     }
-    return Direction(vectors=v, meta=meta, components=comps)
+    return Direction(vectors=v, meta=meta, components=comps, prompt_vectors=v_prompt)
 
 
 # ---- screening ---------------------------------------------------------------------------------
@@ -616,7 +664,8 @@ class DirectionMonitor:
     """Logs ``probe/direction/projection`` every N steps; writes ``direction_shift.json`` at the end.
 
     The projection is mean_x a_ℓ(x)·v̂ at the last prompt token over the direction file's monitor
-    prompts (Chen et al. 2025, section 4). The fine-tuning shift is the mean over the same prompts
+    prompts (Chen et al. 2025, section 4), v̂ the file's prompt direction where it has one (see
+    the module docstring: the response-averaged one can point the other way there). The fine-tuning shift is the mean over the same prompts
     of (a_ℓ^fine-tuned(x) − a_ℓ^aligned(x))·v̂, with the aligned model read at train begin.
     """
 
@@ -644,7 +693,7 @@ class DirectionMonitor:
         self.tokenizer = trainer.processing_class
 
     def _read(self, model: Any) -> list[float]:
-        return last_token_projections(model, self.tokenizer, self.prompts, self.direction.unit(self.layer), self.layer)
+        return last_token_projections(model, self.tokenizer, self.prompts, self.direction.unit(self.layer, "prompt"), self.layer)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
         self.tokenizer = self.tokenizer or kw.get("processing_class")
@@ -677,6 +726,7 @@ class DirectionMonitor:
             {
                 "direction": self.direction.path,
                 "layer": self.layer,
+                "position": "prompt" if self.direction.prompt_vectors is not None else "response",
                 "trait": self.direction.meta.get("trait"),
                 "n_prompts": len(after),
                 "projection_aligned": sum(before) / len(before),
