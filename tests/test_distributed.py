@@ -44,7 +44,8 @@ from tether.train import run_training
 
 def _check():  # registered first, so it runs after tether's own exit handler
     import torch.distributed as d
-    print("process group destroyed at exit:", not d.is_initialized(), flush=True)
+    # one write: two ranks share the pipe, and print(a, b) writes its pieces separately (they interleaved)
+    print(f"process group destroyed at exit: {not d.is_initialized()}", flush=True)
 
 atexit.register(_check)
 
