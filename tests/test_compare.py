@@ -125,6 +125,26 @@ def test_failed_run_is_recorded_and_others_finish(
     assert "train_runtime" in log  # the run's own output went to its log
 
 
+def test_sweep_from_a_script_without_a_main_guard(tmp_path: Path, quick_organism: Path) -> None:
+    """Fork-server children must not re-run the launcher's script (multiprocessing re-imports
+    ``__main__`` in each child; an unguarded script would start the sweep again and fail)."""
+    import subprocess
+    import sys
+
+    sweep = _sweep(tmp_path, quick_organism, grid={"methods": [[{"name": "naive"}]]}, seeds=[0])
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "from pathlib import Path\n"
+        "from tether.compare import load_sweep, run_sweep_local\n"
+        f"sweep, runs = load_sweep({str(sweep)!r})\n"
+        f"manifest = run_sweep_local(runs, Path({str(tmp_path / 'out')!r}), workers=1)\n"
+        "print('STATUS', [v['status'] for v in manifest.runs.values()], [v['error'] for v in manifest.runs.values()])\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("STATUS") == 1 and "STATUS ['done']" in done.stdout, done.stdout[-2000:]
+
+
 def test_ray_auto_address_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--ray auto``: $RAY_ADDRESS first, then the cluster `ray start` recorded, else one sentence."""
     import tempfile

@@ -25,6 +25,7 @@ With ``tether compare --ray ADDRESS`` the same workers run as Ray tasks on a clu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -35,7 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import yaml
 from pydantic import Field, field_validator
@@ -326,6 +327,30 @@ def forked_worker(run_dir: str, env: dict[str, str]) -> None:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start fork-server children without the launcher's ``__main__``.
+
+    ``multiprocessing`` re-imports the main script (or ``-m`` module) in every child it starts
+    this way, which re-runs the top level of a script without an ``if __name__ == "__main__"``
+    guard — a sweep started from such a script would start again in each run and fail. The
+    runs need nothing from it (their target lives here), so its ``__file__`` and ``__spec__``
+    are hidden while a child starts.
+    """
+    main = sys.modules.get("__main__")
+    if main is None:
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None  # multiprocessing reads it unguarded
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__file__", None)
+        main.__dict__.update(saved)
+
+
 class _Worker:
     """A running worker (environment ``env``): a child of the fork server, or a
     ``python -m tether.compare`` process."""
@@ -334,7 +359,8 @@ class _Worker:
         self.log = None
         if ctx is not None:
             self.proc: Any = ctx.Process(target=forked_worker, args=(str(run_dir), env), daemon=False)
-            self.proc.start()
+            with _main_module_hidden():
+                self.proc.start()
         else:
             self.log = open(run_dir / "worker.log", "ab")
             self.proc = subprocess.Popen(worker_command(run_dir), stdout=self.log, stderr=subprocess.STDOUT, env=env)
