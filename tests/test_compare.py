@@ -128,9 +128,6 @@ def test_failed_run_is_recorded_and_others_finish(
 def test_sweep_from_a_script_without_a_main_guard(tmp_path: Path, quick_organism: Path) -> None:
     """Fork-server children must not re-run the launcher's script (multiprocessing re-imports
     ``__main__`` in each child; an unguarded script would start the sweep again and fail)."""
-    import subprocess
-    import sys
-
     sweep = _sweep(tmp_path, quick_organism, grid={"methods": [[{"name": "naive"}]]}, seeds=[0])
     script = tmp_path / "launch.py"
     script.write_text(

@@ -321,10 +321,7 @@ def forked_worker(run_dir: str, env: dict[str, str]) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    code = worker_main(run_dir)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code)
+    sys.exit(worker_main(run_dir))  # multiprocessing flushes stdout and stderr on the way out
 
 
 @contextlib.contextmanager
@@ -347,7 +344,6 @@ def _main_module_hidden() -> Iterator[None]:
     try:
         yield
     finally:
-        main.__dict__.pop("__file__", None)
         main.__dict__.update(saved)
 
 

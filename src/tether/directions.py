@@ -452,11 +452,12 @@ def held_out_separation(
     evil = residual_means(model, [last_prompt_span(tokenizer, p[0]) for p in pairs], _pad(tokenizer))
     good = residual_means(model, [last_prompt_span(tokenizer, p[1]) for p in pairs], _pad(tokenizer))
     labels = [True] * len(pairs) + [False] * len(pairs)
+    readings: tuple[tuple[str, Position], ...] = (("", "prompt"), ("response_", "response"))
     out: dict[str, Any] = {}
     for layer in range(1, direction.n_layers + 1):
         row: dict[str, Any] = {}
-        for prefix, position in (("", "prompt"), ("response_", "response")):
-            u = direction.unit(layer, position)  # type: ignore[arg-type]
+        for prefix, position in readings:
+            u = direction.unit(layer, position)
             pe, pg = evil[:, layer] @ u, good[:, layer] @ u
             row[f"{prefix}sign_accuracy"] = float(((pe - pg) > 0).float().mean())
             row[f"{prefix}auc"] = roc_auc(pe.tolist() + pg.tolist(), labels)
