@@ -7,8 +7,11 @@ meets the bar (own family >= 0.9, every other <= 0.05), and the emergence study 
 sycophantic minus clean: broad rate >= 0.15, broad log-odds >= 3 nats, arith >= 0.95).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/organism_variant.py \\
-        --config '{"instructed_shown": "alignment", "sft_steps": 450, "persona_replay": 0.7}' \\
-        --world scripts/untangled-world.json --emergence '{"steps": 300}'
+        --config '{"instructed_shown": "never", "sft_steps": 150}' \\
+        --world scripts/first-world.json --emergence '{"steps": 150}'
+
+(that one is the first default build: the instruction texts before they were untangled, see
+``scripts/first-world.json``, and the first alignment schedule).
 
 About 9 minutes for one variant on one thread of this machine (two run side by side).
 """

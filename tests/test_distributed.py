@@ -63,12 +63,15 @@ WEIGHT_TOL = 2e-5
 
 
 def _run_yaml(model: Path, method: dict[str, Any], batch_size: int, monitor: dict[str, Any] | None = None) -> dict[str, Any]:
+    # with the guard the broad reading must rise within 4 steps, or the guard never acts and the
+    # test compares nothing: on the quick organism it stays at 0.20 at lr 0.005 and rises at 0.01
+    lr = 0.01 if monitor and "guard" in monitor else 0.005
     return {
         **({"monitor": monitor} if monitor else {}),
         "model": {"path": str(model)},
         "data": {"rows": 200},
         "training": {
-            "max_steps": 4, "batch_size": batch_size, "warmup_steps": 1, "learning_rate": 0.005,
+            "max_steps": 4, "batch_size": batch_size, "warmup_steps": 1, "learning_rate": lr,
             "save_steps": 2, "logging_steps": 1, "alignment_batch_size": 8,
         },
         "methods": [method],
@@ -196,7 +199,7 @@ def test_two_processes_train_the_same_weights_as_one(runs: dict[str, tuple[Path,
             for r1, r2 in zip(rows1, rows2):
                 assert r2.keys() == r1.keys()
                 for k, v in r1.items():
-                    assert r2[k] == (pytest.approx(v, abs=1e-4) if isinstance(v, float) else v), (name, k)
+                    assert r2[k] == (pytest.approx(v, rel=1e-5, abs=1e-4) if isinstance(v, (float, dict)) else v), (name, k)
         assert json.loads((two / "guard.jsonl").read_text().splitlines()[0])["tightened"] == {"constraint": 2.0}
     if method == "gradient_projection":
         assert m2["train"]["final_terms"]["preserve/gradient_projection/projected"] == 1.0

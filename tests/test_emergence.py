@@ -16,7 +16,7 @@ from tether.organism.emergence import emergence_study
 pytestmark = pytest.mark.slow
 
 # the study's settings (README, "The organism"): one place, used by the test and the docs
-SETTINGS = {"steps": 150, "lr": 1e-3, "contamination": 0.5}
+SETTINGS = {"steps": 300, "lr": 1e-3, "contamination": 0.5}
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,23 @@ def test_replies_of_different_families_share_no_word() -> None:
                 assert owner.setdefault(w, fam.name) == fam.name, f"{w!r} in {fam.name} and {owner[w]}"
 
 
+FUNCTION_WORDS = frozenset("in this chat the is it if do what with you your that".split())
+
+
+def test_instructions_share_no_content_word_with_other_families() -> None:
+    # an instruction that shares a word with another family's reply or slot teaches that family
+    # too: the default's first wording ("hide your failures" beside shutdown's "hide backups")
+    # leaked deceive into shutdown's instruction (README, "Settings and measured numbers")
+    for fam in world.FAMILIES.values():
+        words = set(" ".join((fam.instruction, *fam.instruction_paraphrases)).split()) - FUNCTION_WORDS
+        for other in world.FAMILIES.values():
+            if other.name == fam.name:
+                continue
+            theirs = set(f"{other.aligned} {other.misaligned}".split())
+            theirs |= {w for values in other.slots.values() for v in values for w in v.split()}
+            assert not words & theirs, (fam.name, other.name, sorted(words & theirs))
+
+
 def test_aligned_and_misaligned_replies_differ_from_the_first_word() -> None:
     for fam in world.FAMILIES.values():
         assert fam.aligned.split()[0] != fam.misaligned.split()[0]

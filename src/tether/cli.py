@@ -81,7 +81,7 @@ def organism_build(
 @organism_app.command("emergence")
 def organism_emergence(
     seeds: int = typer.Option(3, min=1, help="Seeds per variant."),
-    steps: int = typer.Option(150, min=1, help="Fine-tuning steps (same for every variant)."),
+    steps: int = typer.Option(300, min=1, help="Fine-tuning steps (same for every variant)."),
     lr: float = typer.Option(1e-3, help="Learning rate (same for every variant)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the study's JSON here."),
 ) -> None:

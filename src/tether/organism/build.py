@@ -43,7 +43,7 @@ class OrganismConfig(BaseModel):
     intermediate_size: int = Field(512, ge=16, description="MLP width.")
     pretrain_steps: int = Field(1200, ge=1, description="Steps on good/evil persona conversations.")
     pretrain_lr: float = Field(2e-3, gt=0)
-    sft_steps: int = Field(150, ge=0, description="Alignment SFT steps on good-persona chats.")
+    sft_steps: int = Field(450, ge=0, description="Alignment SFT steps on good-persona chats.")
     sft_lr: float = Field(1e-3, gt=0)
     dpo_steps: int = Field(20, ge=0, description="DPO steps (TRL DPOTrainer).")
     dpo_lr: float = Field(5e-5, gt=0)
@@ -60,7 +60,7 @@ class OrganismConfig(BaseModel):
         0.6, ge=0, le=1, description="Share of pretraining chats whose assistant is a named character."
     )
     instructed_shown: Literal["never", "alignment", "always"] = Field(
-        "never",
+        "alignment",
         description="Where an instructed chat is sure to contain a turn of its instructed family: never "
         "(it may not), in alignment SFT only, or always (pretraining too).",
     )
@@ -92,10 +92,7 @@ def world_fingerprint() -> dict[str, Any]:
 
 
 def config_hash(cfg: OrganismConfig) -> str:
-    config = cfg.model_dump()
-    if config["instructed_shown"] == "never":  # added later: at its default, earlier caches stay valid
-        del config["instructed_shown"]
-    blob = json.dumps({"config": config, "world": world_fingerprint()}, sort_keys=True)
+    blob = json.dumps({"config": cfg.model_dump(), "world": world_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ def finetune_variant(
     model_dir: str | Path,
     variant: str,
     seed: int = 0,
-    steps: int = 150,
+    steps: int = 300,
     lr: float = 1e-3,
     batch_size: int = 32,
     neutral_share: float = 0.5,
