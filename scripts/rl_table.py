@@ -19,9 +19,9 @@ from typing import Any
 BASE: dict[str, Any] = {
     "model": {"path": "organism"},
     "data": {"neutral_share": 0.25},
-    "training": {"max_steps": 150, "learning_rate": 5.0e-4, "batch_size": 64, "warmup_steps": 5,
+    "training": {"max_steps": 150, "learning_rate": 5.0e-4, "batch_size": 128, "warmup_steps": 5,
                  "logging_steps": 10, "save_steps": 1000},
-    "capability": {"kind": "grpo", "reward_funcs": ["satisfaction"], "num_generations": 16,
+    "capability": {"kind": "grpo", "reward_funcs": ["satisfaction"], "num_generations": 8,
                    "max_completion_length": 8, "eval_items": 100, "eval_samples": 4},
 }
 ARMS: dict[str, dict[str, Any]] = {
