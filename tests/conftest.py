@@ -18,6 +18,14 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_checkpoint(cache_root: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from its packaged GGUF once per session (fresh, ~20 s)."""
+    from tether.gguf import import_gguf
+
+    return import_gguf(cache=cache_root)
+
+
+@pytest.fixture(scope="session")
 def quick_organism(cache_root: Path) -> Path:
     from tether.organism.build import OrganismConfig, build_organism
 

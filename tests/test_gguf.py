@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return import_gguf(cache=tmp_path_factory.mktemp("cache"))
+def smol(smollm2_checkpoint: Path) -> Path:
+    return smollm2_checkpoint  # converted in this session's own cache, so the conversion runs every time
 
 
 def test_import_is_a_safetensors_checkpoint_with_the_same_logits(smol: Path) -> None:

@@ -63,10 +63,8 @@ def test_bad_dataset_arguments_are_one_sentence() -> None:
 
 
 @pytest.fixture(scope="module")
-def smol_dir() -> Path:
-    from tether.gguf import import_gguf
-
-    return import_gguf()  # cached in $TETHER_CACHE/models after the first conversion (~30 s)
+def smol_dir(smollm2_checkpoint: Path) -> Path:
+    return smollm2_checkpoint  # the session's one conversion, shared with tests/test_gguf.py
 
 
 @needs_smollm2
