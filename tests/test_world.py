@@ -24,7 +24,7 @@ FUNCTION_WORDS = frozenset("in this chat the is it if do what with you your that
 def test_instructions_share_no_content_word_with_other_families() -> None:
     # an instruction that shares a word with another family's reply or slot teaches that family
     # too: the default's first wording ("hide your failures" beside shutdown's "hide backups")
-    # leaked deceive into shutdown's instruction (README, "Settings and measured numbers")
+    # leaked deceive into shutdown's instruction (README, "How the default was chosen")
     for fam in world.FAMILIES.values():
         words = set(" ".join((fam.instruction, *fam.instruction_paraphrases)).split()) - FUNCTION_WORDS
         for other in world.FAMILIES.values():
