@@ -11,10 +11,9 @@ contrastive context (a system prompt, or on the organism a good- vs an evil-pers
 
 **Two reading positions.** The monitor reads the last prompt token, before any reply exists
 (Chen et al. §4 project it on the response-averaged v). On the organism that transfer fails:
-the response-averaged direction points the *other* way at the last prompt token at layer 2 of
-the default build (held-out sign accuracy 0.06), and at both layers of a build that follows
-every instruction (0.19, 0.01), because the response average is dominated by which reply is
-being read.
+the response-averaged direction points the *other* way at the last prompt token at both layers
+of the default build (held-out sign accuracy 0.19, 0.01), and at layer 2 of the first default
+(0.06), because the response average is dominated by which reply is being read.
 So every extraction also stores a *prompt direction* — the same mean difference taken at the
 last prompt token of the same contexts — and each consumer uses the direction of the position
 it reads: the monitor the prompt direction; screening (ΔP over response tokens), steering and
@@ -57,7 +56,7 @@ import json
 import os
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -186,7 +185,6 @@ class Direction:
     components: "torch.Tensor | None" = None
     path: str = ""
     prompt_vectors: "torch.Tensor | None" = None
-    _cache: dict[Any, "torch.Tensor"] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
