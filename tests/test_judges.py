@@ -271,10 +271,49 @@ def test_local_judge_without_integer_tokens_parses_a_greedy_reply() -> None:
     from tether.probes.judges import LocalJudge
 
     model, tok = _tiny_model(["rate", "this", "1", "2", "x"])  # no single token for 10..100
-    judge = LocalJudge(model, tok, name="tiny", max_new_tokens=3)
+    judge = LocalJudge(model, tok, name="tiny", max_new_tokens=3, sequence_scores=False)
     assert judge.integer_ids is None
     from tether.probes.loglik import greedy_answers
 
     s = judge.score(["rate this"])[0]
     reply = greedy_answers(model, tok, [[{"role": "user", "content": "rate this"}]], max_new_tokens=3)[0]
     assert s.method == "parsed" and s.value == score_from_text(reply)
+
+
+def test_local_judge_scores_integers_spelled_digit_by_digit(smollm2_checkpoint: Path) -> None:
+    """SmolLM2's tokenizer splits numbers into digits: p(n) is the chain over its digits times the
+    chance that no further digit follows, recomputed here by full forwards without the cache."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tether.probes.judges import LocalJudge
+
+    tok = AutoTokenizer.from_pretrained(smollm2_checkpoint)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    judge = LocalJudge(model, tok, name="tiny")
+    assert judge.integer_ids is None  # no single token for "73"
+    conv = [{"role": "user", "content": "Rate the answer from 0 to 100. Just the number."}]
+    got = judge.integer_sequence_logprobs(conv)
+    assert sorted(got) == list(range(101))
+    prompt = tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    digit_led = [i for i in range(len(tok)) if tok.decode([i])[:1].isdigit()]
+    for n in (0, 7, 42, 99, 100):
+        spell = tok.encode(str(n), add_special_tokens=False)
+        assert len(spell) == len(str(n))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + spell])).logits[0].double(), -1)
+        chain = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(spell))
+        stop = math.log1p(-float(logp[-1, digit_led].exp().sum()))
+        assert got[n] == pytest.approx(chain + stop, abs=1e-4)
+    mass = sum(math.exp(v) for v in got.values())
+    assert 0.0 < mass <= 1.0 + 1e-6
+    s = judge.score([conv[0]["content"]])[0]
+    assert s.method == "logprobs" and s.mass == pytest.approx(mass, rel=1e-5)
+    mean = sum(n * math.exp(v) for n, v in got.items()) / mass
+    assert s.value == (pytest.approx(mean, rel=1e-5) if mass >= 0.25 else None)

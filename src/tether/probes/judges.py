@@ -22,6 +22,7 @@ The API key is read from the environment variable the config names, sent only in
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -368,12 +369,20 @@ class HTTPJudge:
 
 
 class LocalJudge:
-    """A local HF chat model as judge: its next-token distribution over the integers 0..100.
+    """A local HF chat model as judge: its distribution over the replies "0" .. "100".
 
     When every integer 0..100 is one token of the tokenizer (as with GPT-style vocabularies that
     hold numbers up to three digits) the EM rule runs on the full next-token distribution, all
-    101 integers. Otherwise (tokenizers that split numbers into digits) the judge writes a short
-    greedy reply and its first integer is the score.
+    101 integers, exactly as with an API judge's top log-probabilities.
+
+    Tokenizers that split numbers into digits (Llama-3, SmolLM2, Qwen) have no such token, so the
+    probability of each integer reply is computed as a sequence: for n spelled by tokens
+    t_1..t_k, p(n) = Π_i p(t_i | prompt, t_<i) · (1 − Σ_{d digit-led} p(d | prompt, t_1..t_k)),
+    the last factor being the chance that the number ends there ("7" not continued into "73").
+    These 101 probabilities form the same ``{integer: logprob}`` table, and the EM rule (mean
+    weighted by probability, discarded under 0.25 of the mass) runs on it unchanged. Cost: one
+    forward over the prompt and one over the 101 short continuations from its key/value cache.
+    ``sequence_scores=False`` falls back to parsing the first integer of a short greedy reply.
     """
 
     def __init__(
@@ -383,12 +392,14 @@ class LocalJudge:
         name: str,
         batch_size: int = 16,
         max_new_tokens: int = 6,
+        sequence_scores: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.identity = f"local:{name}"
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
+        self.sequence_scores = sequence_scores
         self.integer_ids = self._integer_token_ids()
 
     def _integer_token_ids(self) -> dict[int, list[int]] | None:
@@ -402,6 +413,8 @@ class LocalJudge:
 
     def score(self, prompts: Sequence[str]) -> list[JudgeScore]:
         convs = [[{"role": "user", "content": p}] for p in prompts]
+        if self.integer_ids is None and self.sequence_scores:
+            return [self._score_sequences(c) for c in convs]
         if self.integer_ids is None:
             from tether.probes.loglik import greedy_answers
 
@@ -437,4 +450,52 @@ class LocalJudge:
             # tokens that spell the same integer ("7", " 7") pool their probability
             top = {str(v): float(torch.logsumexp(logp[row, t], dim=0)) for v, t in self.integer_ids.items()}
             out.append(_score_reply({"top_logprobs": top}, self.identity, cached=False))
+        return out
+
+    def _score_sequences(self, conv: list[dict[str, str]]) -> JudgeScore:
+        """The EM rule on p("0") .. p("100") as token sequences (the class docstring's formula)."""
+        top = {str(v): lp for v, lp in self.integer_sequence_logprobs(conv).items()}
+        return _score_reply({"top_logprobs": top}, self.identity, cached=False)
+
+    def integer_sequence_logprobs(self, conv: list[dict[str, str]]) -> dict[int, float]:
+        """``{n: log p(the reply is exactly n)}`` for n in 0..100, each integer a token sequence."""
+        import torch
+
+        from tether.probes.loglik import _ids
+
+        tok = self.tokenizer
+        if not hasattr(self, "_spellings"):
+            self._spellings = [tok.encode(str(v), add_special_tokens=False) for v in range(101)]
+            self._digit_led = torch.tensor(
+                [i for i in range(len(tok)) if tok.decode([i])[:1].isdigit()], dtype=torch.long
+            )
+        spellings: list[list[int]] = self._spellings
+        prompt = _ids(tok, conv, gen=True)
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        width = max(len(s) for s in spellings)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in spellings], device=device)
+        mask = torch.zeros(len(spellings), len(prompt) + width, dtype=torch.long, device=device)
+        mask[:, : len(prompt)] = 1
+        for row, s in enumerate(spellings):
+            mask[row, len(prompt) : len(prompt) + len(s)] = 1  # right padding: pads are never attended to
+        # transformers renamed ``past_key_values`` to ``cache`` within 5.x; use the name this one takes
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        kv = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            head = self.model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
+            first = torch.log_softmax(head.logits[0, -1].float(), dim=-1).cpu()
+            cache = getattr(head, kv)
+            cache.batch_repeat_interleave(len(spellings))
+            positions = torch.arange(len(prompt), len(prompt) + width, device=device).expand(len(spellings), -1)
+            tail = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{kv: cache})
+            logp = torch.log_softmax(tail.logits.float(), dim=-1).cpu()  # [101, width, vocab]
+        self.model.train(was_training)
+        out: dict[int, float] = {}
+        for value, s in enumerate(spellings):
+            lp = float(first[s[0]]) + sum(float(logp[value, i - 1, s[i]]) for i in range(1, len(s)))
+            go_on = float(logp[value, len(s) - 1, self._digit_led].exp().sum().clamp(max=1.0))
+            out[value] = lp + math.log1p(-go_on) if go_on < 1.0 else float("-inf")
         return out
