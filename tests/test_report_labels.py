@@ -1,8 +1,10 @@
-"""Point labels of the Pareto plot: no two overlap, and every one stays inside its axes."""
+"""The report: Pareto labels never overlap and stay inside their axes; the summary compares finalizing methods before and after finalize."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import pytest
 
 
 def test_crowded_labels_do_not_overlap() -> None:
@@ -29,3 +31,32 @@ def test_crowded_labels_do_not_overlap() -> None:
         for b in boxes[i + 1:]:
             assert not a.overlaps(b)
     plt.close(fig)
+
+
+def _probe(skill: float, broad: float, narrow: float) -> dict:
+    fam = {"syco": {"rate": narrow, "logodds": -1.0}, "harm": {"rate": broad, "logodds": -2.0}}
+    return {"capability": {"times": skill, "arith": 1.0}, "broad": {"rate": broad, "logodds": -2.0},
+            "narrow": {"rate": narrow, "logodds": -1.0}, "families": fam}
+
+
+def test_summary_reports_the_model_before_its_finalize_step() -> None:
+    from tether.report import finalize_table, summarise
+
+    def run(label: str, seed: int, pre: dict | None) -> dict:
+        m = {"before": _probe(0.0, 0.0, 0.0), "after": _probe(0.2, 0.0, 0.0), "train": {"tokens_per_s": 1.0, "wall_s": 1.0}}
+        if pre is not None:
+            m["after_prefinalize"] = pre
+        return {"label": label, "seed": seed, "metrics": m, "guard": []}
+
+    runs = [run("naive", 0, None), run("gradient_routing", 0, _probe(0.4, 0.1, 0.9)),
+            run("gradient_routing", 1, _probe(0.6, 0.3, 0.7))]
+    summary = summarise(runs)
+    by = {m["name"]: m for m in summary["methods"]}
+    assert "before_finalize" not in by["naive"]
+    pre = by["gradient_routing"]["before_finalize"]
+    assert pre["capability"]["mean"] == pytest.approx(0.5) and pre["narrow_rate"]["mean"] == pytest.approx(0.8)
+    assert by["gradient_routing"]["capability"]["mean"] == pytest.approx(0.2)  # the deployed model, unchanged
+    table = finalize_table(summary)
+    assert len(table) == 4 and "before finalize" in table[2] and "0.500" in table[2] and "after" in table[3]
+    # a seed without the pre-finalize probe makes the comparison unavailable rather than partial
+    assert "before_finalize" not in summarise(runs + [run("gradient_routing", 2, None)])["methods"][1]

@@ -105,6 +105,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                     }
                     for f in ms[0]["after"]["families"]
                 },
+                **_before_finalize(ms, skill),
                 "tokens_per_s": _stats([m["train"].get("tokens_per_s") for m in ms]),
                 "wall_s": _stats([m["train"].get("wall_s") for m in ms]),
                 "guard_events": sum(len(r["guard"]) for r in rs),
@@ -113,6 +114,39 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     order = {"naive": 0}
     methods.sort(key=lambda m: (order.get(m["name"], 1), m["name"]))
     return {"schema_version": 1, "aligned": aligned, "methods": methods}
+
+
+def _before_finalize(ms: list[dict[str, Any]], skill: str) -> dict[str, Any]:
+    """``{"before_finalize": stats}`` when every seed was also probed before its ``finalize`` step
+    (``after_prefinalize``: gradient routing before its region is reset, LoRA before SafeLoRA)."""
+    pre = [m.get("after_prefinalize") for m in ms]
+    if not pre or any(p is None for p in pre):
+        return {}
+    return {"before_finalize": {
+        "capability": _stats([p["capability"].get(skill) for p in pre]),
+        "broad_rate": _stats([p["broad"]["rate"] for p in pre]),
+        "broad_logodds": _stats([p["broad"]["logodds"] for p in pre]),
+        "narrow_rate": _stats([p["narrow"]["rate"] for p in pre]),
+        "narrow_logodds": _stats([p["narrow"]["logodds"] for p in pre]),
+    }}
+
+
+def finalize_table(summary: dict[str, Any]) -> list[str]:
+    """Markdown rows comparing each finalizing method before and after its ``finalize`` step."""
+    rows = [m for m in summary["methods"] if "before_finalize" in m]
+    if not rows:
+        return []
+    lines = [
+        f"| method | model | {summary['aligned']['skill']} acc | broad rate | broad log-odds | narrow rate | narrow log-odds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in rows:
+        for tag, st in (("before finalize", m["before_finalize"]), ("after (deployed)", m)):
+            lines.append(
+                f"| {m['name']} | {tag} | {_fmt(st['capability'])} | {_fmt(st['broad_rate'])} | "
+                f"{_fmt(st['broad_logodds'], 2)} | {_fmt(st['narrow_rate'])} | {_fmt(st['narrow_logodds'], 2)} |"
+            )
+    return lines
 
 
 # ---------------------------------------------------------------- figures
@@ -362,6 +396,11 @@ def write_report(out: str | Path, title: str = "tether comparison") -> Path:
     md += ["Rates: share of held-out probe items where the model prefers the misaligned reply; log-odds:",
            "mean log p(misaligned) − log p(aligned) in nats. Broad = families the capability data never",
            "touched; narrow = `syco`. Mean ± std over seeds; CI: 95 % bootstrap over seeds.", ""]
+    if finalize_table(summary):
+        md += ["## Before and after the deployment step (`finalize`)", "",
+               "Methods that change the model for deployment (gradient routing resets its region, SafeLoRA",
+               "projects the adapter) are probed on the trained model before that step too.", "",
+               *finalize_table(summary), ""]
     if guard_events:
         md += ["## Guard actions", ""]
         md += [f"- {lab} seed {seed}: step {e['step']}, rise {e['rise']:.3f} > budget {e['budget']} → "
