@@ -320,3 +320,22 @@ def test_mask_routing_on_padding_free_batches_equals_padded_rows(quick_organism:
     from _methods_support import assert_padding_free_trains_like_padded
 
     assert_padding_free_trains_like_padded(quick_organism, tmp_path, [{"name": "gradient_routing", "layers": [1]}])
+
+
+def test_era_masks_only_the_capability_forward(quick_organism: Path, tmp_path: Path) -> None:
+    """Another method's forward of the same row count (e.g. ``kl`` on an alignment batch of the same
+    size) inside the hooks is a clean forward: it must not be routed like the capability rows."""
+    method = make("gradient_routing", {"form": "era", "layers": [0], "expand": 8})
+    trainer = _trainer(quick_organism, tmp_path, _rows(4, 0), method)
+    trainer.setup_methods()
+    model = trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.compute_loss(model, dict(batch))  # routed: every row is contaminated
+    model.zero_grad()
+    up = model.model.layers[0].mlp.up_proj.weight
+    with method.hooks(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert out.logits.shape[0] == method._routed.shape[0]  # same rows as the routed batch
+        out.logits.float().pow(2).mean().backward()
+    # clean rows (clean_updates: rest): the original neurons learn, the extra ones do not
+    assert up.grad[:128].abs().sum() > 0 and torch.equal(up.grad[128:], torch.zeros_like(up.grad[128:]))

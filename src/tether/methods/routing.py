@@ -52,7 +52,11 @@ the original at the first step (the paper initialises the new weights randomly a
 scratch); (3) ``ablate: reset`` (the default) restores the region instead of zeroing it, because
 here the region also holds the aligned model's own weights; (4) the routing constrains
 gradients, not AdamW's state: a parameter that an earlier step moved keeps moving with its
-momentum (as in both papers' code); (5) other methods' loss terms in the stack are not routed.
+momentum (as in both papers' code); (5) other methods' loss terms in the stack are not routed:
+ERA's activation masks act only inside the capability batch's own forward, and other forwards
+(e.g. ``kl``'s alignment rows) see the clean mask — except, under gradient checkpointing, in the
+recomputation during backward, where a forward is matched to the capability batch by its row
+count.
 ``form: mask`` does not support gradient checkpointing (the recomputed forward would not see
 the masked parameters); ``form: era`` needs full fine-tuning (no LoRA) and should come before
 methods that anchor on parameter shapes (EWC, L2-SP).
@@ -203,6 +207,7 @@ class GradientRouting(Method):
         self._start: dict[int, "torch.Tensor"] = {}
         self._era: list[tuple[MLPSite, int]] = []  # expanded MLPs and their original widths
         self._routed: "torch.Tensor | None" = None
+        self._task_forward = False  # True only inside the capability batch's own forward (ERA)
         self._retain: deque[dict[str, "torch.Tensor"]] = deque(maxlen=max(self.config.retain_steps, 1))
         self._setup_done = False
 
@@ -367,8 +372,12 @@ class GradientRouting(Method):
         if self.config.retain_steps and (~r).any():
             self._retain.append({k: v.detach().cpu() for k, v in _rows(inputs, ~r).items() if isinstance(v, torch.Tensor)})
         if self.config.form == "era":
-            self._routed = r  # read by the activation masks; kept until the next micro-batch (recompute)
-            return compute(inputs)
+            self._routed = r  # read by the activation masks; kept for gradient checkpointing's recompute
+            self._task_forward = True
+            try:
+                return compute(inputs)
+            finally:
+                self._task_forward = False
         if not r.any() and self.config.clean_updates == "all":
             return compute(inputs)  # exactly the trainer's own loss
         from torch.func import functional_call
@@ -395,11 +404,15 @@ class GradientRouting(Method):
 
         c = self.config
         handles = []
+        attr = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+        recompute = bool(getattr(model, attr, False))
+        graph_task = getattr(torch._C, "_current_graph_task_id", lambda: -1)  # -1 outside autograd's backward
 
         def make(width: int) -> Any:
             def pre(mod: Any, args: tuple[Any, ...]) -> Any:
                 h = args[0]  # [batch, seq, width + expand]
-                r = self._routed
+                # the capability batch's forward, or its recomputation in backward; any other forward is clean
+                r = self._routed if self._task_forward or (recompute and graph_task() != -1) else None
                 if r is None or r.shape[0] != h.shape[0]:  # no labels, or another forward (alignment rows): clean
                     r = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
                 if not r.any() and c.clean_updates == "all":
