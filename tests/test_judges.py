@@ -37,6 +37,8 @@ class FakeAPI:
         self.requests: list[dict[str, Any]] = []
         self.auth: list[str | None] = []
         self.lock = threading.Lock()
+        self.in_flight = 0
+        self.max_in_flight = 0
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -52,7 +54,12 @@ class FakeAPI:
                 if self.path != "/v1/chat/completions":
                     return self._send(404, b"{}")
                 if api.delay:
+                    with api.lock:
+                        api.in_flight += 1
+                        api.max_in_flight = max(api.max_in_flight, api.in_flight)
                     time.sleep(api.delay)
+                    with api.lock:
+                        api.in_flight -= 1
                 if n <= api.fail_first or api.mode == "500":
                     return self._send(500, b'{"error": "boom"}')
                 if api.mode == "malformed":
@@ -155,6 +162,15 @@ def test_http_judge_logprobs_concurrency_and_cache(api: FakeAPI, keyed: str, tmp
     # another judge model is another cache key
     HTTPJudge(_cfg(api.url, keyed, model="judge-2"), cache=cache).score(prompts[:1])
     assert len(api.requests) == 12
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_requests_in_flight_never_exceed_the_concurrency_limit(api: FakeAPI, concurrency: int) -> None:
+    api.delay = 0.15
+    judge = HTTPJudge(_cfg(api.url, None, concurrency=concurrency))
+    scores = judge.score([f"item {i} dist=70:1.0" for i in range(9)])
+    assert [s.value for s in scores] == [70.0] * 9
+    assert api.max_in_flight == concurrency  # the limit is reached and never exceeded
 
 
 def test_missing_logprobs_falls_back_to_parsing(api: FakeAPI) -> None:
