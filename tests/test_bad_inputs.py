@@ -42,6 +42,9 @@ class Case:
     usage: bool = False  # a click usage error (the hint names the command's --help)
     subprocess: bool = False  # needs a real process (resource limits)
     progress: bool = False  # a progress display may precede the error line
+    organism: bool = False  # ``build`` reads the quick organism's path from ``ORGANISM["path"]``
+    pythonpath: bool = False  # the temporary folder is importable (a reward module written there)
+    keeps_run: bool = False  # stops during training: the run folder and a checkpoint stay, nothing half-written
 
 
 def _w(path: Path, text: str | bytes) -> Path:
@@ -115,6 +118,54 @@ def _model_dir(files: dict[str, str | bytes]) -> Callable[[Path], list[str]]:
 
 
 INLINE_BASE = "base:\n  model: {path: organism}\n  training: {max_steps: 2}\n"
+ORGANISM: dict[str, Path] = {}  # the quick organism, set before a case with ``organism=True`` is built
+
+
+def _direction(tmp: Path, hidden: int, layers: int = 2) -> Path:
+    import torch
+
+    from tether.directions import save_direction
+
+    torch.manual_seed(0)
+    return save_direction(tmp / "trait.safetensors", torch.randn(layers + 1, hidden), {"trait": "syco", "layer": 1})
+
+
+def _direction_run(method: str, hidden: int) -> Callable[[Path], list[str]]:
+    """A steering / CAFT run on the quick organism (hidden size 64, 2 blocks) with a direction of width ``hidden``."""
+
+    def build(tmp: Path) -> list[str]:
+        direction = _direction(tmp, hidden)
+        cfg = (f"model: {{path: {ORGANISM['path']}}}\ndata: {{rows: 16}}\ntraining: {{max_steps: 1, batch_size: 4}}\n"
+               f"methods: [{method.format(direction=direction)}]\n")
+        return ["train", str(_w(tmp / "run.yaml", cfg)), "--out", str(tmp / "out")]
+
+    return build
+
+
+REWARDS = {
+    "raises": "    raise ZeroDivisionError('division by zero')\n",
+    "nan": "    return [float('nan')] * len(completions)\n",
+    "short": "    return [1.0] * (len(completions) - 1)\n",
+}
+
+
+def _grpo_run(kind: str) -> Callable[[Path], list[str]]:
+    """One GRPO step on the quick organism whose reward function (a dotted path) misbehaves as ``kind`` says."""
+
+    def build(tmp: Path) -> list[str]:
+        module = f"tether_bad_reward_{kind}"
+        _w(tmp / f"{module}.py", f"def score(prompts, completions, **kwargs):\n{REWARDS[kind]}")
+        cfg = (
+            f"model: {{path: {ORGANISM['path']}}}\n"
+            "data: {rows: 16, neutral_share: 0.25}\n"
+            "training: {max_steps: 1, batch_size: 4, warmup_steps: 0, logging_steps: 1, save_steps: 50}\n"
+            f"capability: {{kind: grpo, reward_funcs: [{module}.score], num_generations: 2, max_completion_length: 4,"
+            " eval_items: 2, eval_samples: 0}\n"
+            "probes: {per_family: 2, n_capability: 2}\n"
+        )
+        return ["train", str(_w(tmp / "run.yaml", cfg)), "--out", str(tmp / "out")]
+
+    return build
 
 CASES: list[Case] = [
     # ---- run YAML --------------------------------------------------------------------------------
@@ -137,7 +188,12 @@ CASES: list[Case] = [
     Case("run-no-methods", "run YAML", "empty method stack", _train("methods: []\n"), ("run.yaml", "at least one method")),
     Case("run-stack-needs-alignment", "run YAML", "kl without alignment data", _train("data: {alignment: null}\nmethods: [{name: kl}]\n"), ("run.yaml", "methods[0]", "'kl' needs an alignment dataset", "data.alignment")),
     Case("run-stack-duplicate", "run YAML", "the same method twice", _train("methods: [{name: naive}, {name: naive}]\n"), ("run.yaml", "methods[1]", "appears twice")),
+    Case("run-caft-no-direction", "run YAML", "caft without a direction file", _train("methods: [{name: caft}]\n"), ("run.yaml", "method 'caft' needs a trait direction", "direction: PATH")),
+    Case("run-steering-layer-range", "run YAML", "steering layer beyond the direction's blocks", _direction_run("{{name: steering, direction: {direction}, layer: 5}}", 64), ("run.yaml", "method 'steering'", "layer 5 is out of range", "1..2"), organism=True),
+    Case("run-direction-width", "run YAML", "steering direction of another model's width", _direction_run("{{name: steering, direction: {direction}}}", 32), ("run.yaml", "methods[0]", "trait.safetensors", "hidden size 32", "hidden size 64"), organism=True),
+    Case("run-caft-direction-width", "run YAML", "caft direction of another model's width", _direction_run("{{name: caft, direction: {direction}}}", 48), ("run.yaml", "methods[0]", "method 'caft'", "hidden size 48", "hidden size 64"), organism=True),
     # ---- sweep YAML ------------------------------------------------------------------------------
+    Case("sweep-yaml-syntax", "sweep YAML", "unclosed bracket", _compare("grid: [1, 2\n"), ("sweep.yaml", "YAML syntax error", "line 2")),
     Case("sweep-unknown-key", "sweep YAML", "misspelt sweep key", _compare("grids: {}\n"), ("sweep.yaml", "'grids'", "allowed here: base, grid, extra, seeds")),
     Case("sweep-grid-key", "sweep YAML", "grid key that is not a config field", _compare(INLINE_BASE + "grid:\n  training.lr: [0.1]\n"), ("sweep.yaml", "training.lr", "allowed in training")),
     Case("sweep-grid-scalar", "sweep YAML", "grid value that is not a list", _compare(INLINE_BASE + "grid:\n  training.learning_rate: 0.1\n"), ("sweep.yaml", "grid.training.learning_rate", "list")),
@@ -192,6 +248,10 @@ CASES: list[Case] = [
     Case("judge-credentials-in-url", "judge", "key put in the URL", _freeform("--judge", "http://user:sk-secret@127.0.0.1:9/v1", "--judge-model", "j"), ("must not carry credentials",)),
     Case("judge-unreachable", "judge", "nothing listens at the judge URL", lambda t: _freeform("--judge", f"http://127.0.0.1:{_closed_port()}/v1", "--judge-model", "j", "--timeout", "2")(t), ("not reachable", "ConnectionRefusedError", "--judge")),
     Case("judge-local-missing", "judge", "local: judge directory missing", _freeform("--judge", "local:/nonexistent/judge"), ("/nonexistent/judge", "does not exist")),
+    # ---- GRPO reward functions (they stop the run after saving a checkpoint) -----------------------
+    Case("grpo-reward-raises", "reward", "reward function raises", _grpo_run("raises"), ("reward function 'score'", "raised ZeroDivisionError"), organism=True, pythonpath=True, keeps_run=True),
+    Case("grpo-reward-nan", "reward", "reward function returns NaN", _grpo_run("nan"), ("reward function 'score'", "returned nan", "finite"), organism=True, pythonpath=True, keeps_run=True),
+    Case("grpo-reward-length", "reward", "reward function returns one reward too few", _grpo_run("short"), ("reward function 'score'", "returned 3 rewards for 4 completions"), organism=True, pythonpath=True, keeps_run=True),
     # ---- output ----------------------------------------------------------------------------------
     Case("out-under-a-file", "output", "--out below a regular file", lambda t: _compare(INLINE_BASE, out="blocker/out")(_w(t / "blocker", "x").parent), ("blocker", "not writable")),
     Case("out-disk-full", "output", "disk full while writing the manifest (RLIMIT_FSIZE)", _compare(INLINE_BASE), ("manifest.json", "could not write", "File too large"), subprocess=True, progress=True),
@@ -242,9 +302,14 @@ def _run_subprocess(argv: list[str]) -> tuple[int | None, str, str]:
 _OBSERVED: dict[str, Outcome] = {}
 
 
-def observe(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Outcome:
+def observe(case: Case, tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+            request: pytest.FixtureRequest) -> Outcome:
     """Run ``case`` once per session (the docs test reuses the outcome)."""
     if case.id not in _OBSERVED:
+        if case.organism:
+            ORGANISM["path"] = request.getfixturevalue("quick_organism")
+        if case.pythonpath:
+            monkeypatch.syspath_prepend(str(tmp))
         argv = case.build(tmp)
         monkeypatch.chdir(tmp)
         code, out, err = _run_subprocess(argv) if case.subprocess else _run_in_process(argv, capsys, monkeypatch)
@@ -259,8 +324,9 @@ def shown(outcome: Outcome) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    outcome = observe(case, tmp_path, capsys, monkeypatch)
+def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                   request: pytest.FixtureRequest) -> None:
+    outcome = observe(case, tmp_path, capsys, monkeypatch, request)
     both = outcome.stdout + outcome.stderr
     assert outcome.code == 2, both
     assert "Traceback" not in both, both
@@ -278,7 +344,12 @@ def test_bad_input(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str
     leftovers = sorted(p.name for p in out.rglob("*")) if out.exists() else []
     partial = [n for n in leftovers if n.startswith(".") or n.endswith((".tmp", ".part"))]
     assert not partial, f"half-written files left in {out}: {partial}"
-    if case.id != "out-disk-full":  # there the folder is made before the write that fails
+    if case.keeps_run:  # stopped during training: what was learned is kept in a complete checkpoint
+        from tether.train import last_complete_checkpoint
+
+        assert last_complete_checkpoint(out / "checkpoints") is not None, leftovers
+        assert not (out / "metrics.json").exists() and not (out / "model").exists(), leftovers
+    elif case.id != "out-disk-full":  # there the folder is made before the write that fails
         assert not out.exists() or not leftovers, f"{out} holds {leftovers}"
 
 
@@ -293,22 +364,26 @@ def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 def test_catalogue_is_broad() -> None:
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
     areas = {c.area for c in CASES}
-    assert areas >= {"run YAML", "sweep YAML", "dataset", "model", "CLI", "judge", "output"}
+    assert areas >= {"run YAML", "sweep YAML", "dataset", "model", "CLI", "judge", "output", "reward"}
 
 
 # --------------------------------------------------------------------------------------- docs
 
-# Faults tested elsewhere; their rows point at those tests (they are not user errors, so no exit 2).
-ELSEWHERE = [
-    ("train-nan-loss", "training", "loss becomes NaN or inf",
-     "stop with the step number; keep the last good checkpoint", "tests/test_train_faults.py"),
-    ("train-sigint", "training", "Ctrl-C (SIGINT) during training",
-     "clean stop; a rerun with the same --out resumes", "tests/test_train_faults.py"),
-    ("judge-down", "judge", "judge answers no request during a run",
-     "answers saved unscored, error names the judge", "tests/test_judges.py"),
-    ("api-key-in-yaml", "security", "an API key written into run YAML",
-     "refused as an unknown key; the value is never echoed", "tests/test_security.py"),
-]
+def elsewhere() -> list[tuple[str, str, str, str, str, str]]:
+    """Faults tested elsewhere, with the line those tests assert (``—`` where they assert none); their rows point at the tests."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train_faults import NAN_LINE, SIGINT_LINE
+
+    return [
+        ("train-nan-loss", "training", "loss becomes NaN or inf",
+         "exit 2; stop before that step; keep the last good checkpoint", code_span(NAN_LINE), "tests/test_train_faults.py"),
+        ("train-sigint", "training", "Ctrl-C (SIGINT) during training",
+         "exit 130; save the current step; a rerun with the same --out resumes", code_span(SIGINT_LINE), "tests/test_train_faults.py"),
+        ("judge-down", "judge", "judge answers no request during a run",
+         "answers saved unscored, error names the judge", "—", "tests/test_judges.py"),
+        ("api-key-in-yaml", "security", "an API key written into run YAML",
+         "refused as an unknown key; the value is never echoed", "—", "tests/test_security.py"),
+    ]
 
 HEADER = """# Bad inputs and what tether says
 
@@ -316,12 +391,18 @@ Generated by `TETHER_WRITE_DOCS=1 pytest tests/test_bad_inputs.py` from the list
 parametrised over; `test_docs_table_is_current` fails when this file and the code disagree.
 Every row below ran through the real CLI: exit code 2, one line on stderr naming the file, key
 or line, no traceback (pass `--debug` to see one), and no output folder or half-written file left
-behind. `<tmp>` stands for the test's temporary folder; usage errors end by naming the
-command's `--help`.
+behind — except the `reward` rows, which stop a GRPO run during training and keep a complete
+checkpoint of it (nothing half-written). `<tmp>` stands for the test's temporary folder; usage
+errors end by naming the command's `--help`.
 
 | # | id | area | bad input | message |
 |---|---|---|---|---|
 """
+
+
+def code_span(text: str) -> str:
+    """``text`` as inline code; a message that quotes code itself (backticks) gets a double-backtick span."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def render(messages: dict[str, str]) -> str:
@@ -330,19 +411,19 @@ def render(messages: dict[str, str]) -> str:
         for i, c in enumerate(CASES, 1)
     ]
     extra = ["", "## Faults covered by other tests", "",
-             "| id | area | fault | behaviour | test | status |", "|---|---|---|---|---|---|"]
-    for fid, area, what, behaviour, test in ELSEWHERE:
+             "| id | area | fault | behaviour | message | test | status |", "|---|---|---|---|---|---|---|"]
+    for fid, area, what, behaviour, message, test in elsewhere():
         status = "tested" if (ROOT / test).is_file() else "pending (test file not written yet)"
-        extra.append(f"| `{fid}` | {area} | {what} | {behaviour} | `{test}` | {status} |")
+        extra.append(f"| `{fid}` | {area} | {what} | {behaviour} | {message.replace('|', '&#124;')} | `{test}` | {status} |")
     return HEADER + "\n".join(rows) + "\n" + "\n".join(extra) + "\n"
 
 
 def test_docs_table_is_current(tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str],
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+                               monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
     messages = {}
     for case in CASES:
-        outcome = observe(case, tmp_path_factory.mktemp(case.id), capsys, monkeypatch)
-        messages[case.id] = f"`{shown(outcome)}`" if outcome.code == 2 else f"**exit {outcome.code}**"
+        outcome = observe(case, tmp_path_factory.mktemp(case.id), capsys, monkeypatch, request)
+        messages[case.id] = code_span(shown(outcome)) if outcome.code == 2 else f"**exit {outcome.code}**"
     text = render(messages)
     if os.environ.get("TETHER_WRITE_DOCS"):
         DOCS.parent.mkdir(exist_ok=True)

@@ -81,3 +81,23 @@ def test_bad_organism_config(tmp_path: Path) -> None:
 def test_unknown_command_is_usage_error() -> None:
     res = run("frobnicate")
     assert res.returncode == 2
+
+
+def test_library_warnings_stay_off_a_user_error(quick_organism: Path, tmp_path: Path) -> None:
+    # one GRPO step whose reward function returns NaN: TRL and transformers warn about their own
+    # deprecated calls along the way (and torch about pin_memory on a CPU); the user sees one line
+    (tmp_path / "nan_reward.py").write_text("def score(prompts, completions, **kwargs):\n    return [float('nan')] * len(completions)\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model: {{path: {quick_organism}}}\ndata: {{rows: 16, neutral_share: 0.25}}\n"
+        "training: {max_steps: 1, batch_size: 4, warmup_steps: 0, logging_steps: 1, save_steps: 50}\n"
+        "capability: {kind: grpo, reward_funcs: [nan_reward.score], num_generations: 2, max_completion_length: 4, eval_items: 2, eval_samples: 0}\n"
+        "probes: {per_family: 2, n_capability: 2}\n"
+    )
+    env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": ""}
+    res = run("train", str(cfg), "--out", str(tmp_path / "out"), env=env)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == "error: reward function 'score' returned nan at index 0; rewards must be finite numbers", res.stderr
+    # --debug keeps everything: the warnings are there, and the error comes as a traceback
+    res = run("--debug", "train", str(cfg), "--out", str(tmp_path / "out2"), env=env)
+    assert res.returncode == 1 and "Warning" in res.stderr and "RewardError" in res.stderr

@@ -2,8 +2,8 @@
 
 The 2-process runs go through the shipped ``cpu`` accelerate config: ``naive`` through
 ``tether train --accelerate-config cpu --num-processes 2`` (the CLI re-launches itself under
-``accelerate launch``), and ``ewc``, ``constraint``, ``gradient_projection`` and ``constraint``
-with the alignment guard in ``tighten`` mode through one ``accelerate launch`` of a small worker
+``accelerate launch``), and ``ewc``, ``constraint``, ``gradient_projection``, ``gradient_routing``
+(mask form) and ``constraint`` with the alignment guard in ``tighten`` mode through one ``accelerate launch`` of a small worker
 that trains the configs in turn (one start-up for all of them). Each is compared with a single-process run of the same global batch: the trained
 weights (max abs diff), the logged losses and gradient norms, the method state and the probes.
 """
@@ -22,7 +22,10 @@ import pytest
 import yaml
 
 from tether.config import RunConfig, validate
-from tether.distributed import ACCELERATE_CONFIGS, check_sharding, launch_port_args, resolve_accelerate_config, sharding_kind
+from tether.distributed import (
+    ACCELERATE_CONFIGS, check_sharding, launch_port_args, read_accelerate_config, resolve_accelerate_config, sharding_from_accelerate_config,
+    sharding_kind,
+)
 from tether.errors import ConfigError
 from tether.methods.registry import make
 
@@ -31,6 +34,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "ewc": {"name": "ewc", "lam": 100.0, "fisher_samples": 8},
     "constraint": {"name": "constraint", "epsilon": 0.0, "lambda_lr": 10.0},
     "gradient_projection": {"name": "gradient_projection", "always": True},
+    # mask form: its sub-batch forwards must still hand DDP's reducer every parameter once per backward
+    "gradient_routing": {"name": "gradient_routing", "neurons": 16},
     # the alignment guard: rank 0 probes, every rank applies the same `tighten` to λ
     "guard": {"name": "constraint", "epsilon": 0.0, "lambda_lr": 10.0},
 }
@@ -56,8 +61,8 @@ for spec in sys.argv[1:]:
 
 # float32 all-reduce of two half-batch gradients vs one full-batch gradient, 4 AdamW steps (lr
 # 5e-3): summation order differs, and Adam's g/√v amplifies it where gradients are near zero.
-# Measured max differences: ≤ 1.2e-7 for naive/ewc/constraint, 7.2e-6 for gradient_projection
-# (its dot products run over the whole concatenated gradient). A wrong all-reduce or a rank-local
+# Measured max differences: ≤ 2.4e-7 for every stack here in one run (docs/scaling.md), 7.2e-6 for
+# gradient_projection in an earlier one (its dot products run over the whole concatenated gradient). A wrong all-reduce or a rank-local
 # multiplier changes updates by amounts of the order of the learning rate (5e-3), far above this.
 WEIGHT_TOL = 2e-5
 
@@ -239,7 +244,7 @@ def test_methods_that_need_whole_parameters_are_refused_under_sharding() -> None
 
     ok = [make("naive", {}), make("constraint", {}), make("kl", {})]
     check_sharding(ok, "FSDP")
-    for name in ("ewc", "l2sp", "gradient_projection"):
+    for name in ("ewc", "l2sp", "gradient_projection", "gradient_routing", "safelora"):
         stack = [make("naive", {}), make(name, {})]
         check_sharding(stack, None)  # DDP and ZeRO-2 keep parameters whole
         with pytest.raises(ConfigError, match=rf"methods\[1\] \({name}\) cannot run under DeepSpeed ZeRO-3") as err:
@@ -271,3 +276,156 @@ def test_num_processes_without_accelerate_config_is_refused(quick_organism: Path
                              env=_env(), capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and msg in res.stderr, res.stderr
         assert not (tmp_path / "o").exists()
+
+
+# ---- user errors under `tether train --accelerate-config`: one line, exit 2, before launching when possible
+
+
+def _cli(*args: str, timeout: int = 300) -> "subprocess.CompletedProcess[str]":
+    return subprocess.run([sys.executable, "-m", "tether.cli", *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error_line(res: "subprocess.CompletedProcess[str]") -> str:
+    """The run's stderr must be exactly one 'error:' line: no launcher traceback, no per-rank copies."""
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and "ChildFailedError" not in res.stderr, res.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_config_error_is_refused_before_launching(quick_organism: Path, tmp_path: Path) -> None:
+    cfg = _run_yaml(quick_organism, METHODS["naive"], 8)
+    cfg["data"] = {"source": str(tmp_path / "missing.jsonl")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    res = _cli("train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "o"), "--accelerate-config", "cpu", "--num-processes", "2")
+    line = _one_error_line(res)
+    assert line == f"error: data.source {tmp_path / 'missing.jsonl'} does not exist; give a .jsonl file, a saved HF dataset directory, or 'organism'"
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_error_inside_the_ranks_is_told_once_with_exit_2(quick_organism: Path, tmp_path: Path) -> None:
+    from tether import cli
+    from tether.config import load_config
+
+    # a model whose config and tokenizer are fine but whose weights file is truncated: only loading
+    # it (in the ranks) finds out, the checks before launching pass
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in quick_organism.iterdir():
+        if f.name != "model.safetensors" and f.is_file():
+            (model / f.name).write_bytes(f.read_bytes())
+    (model / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{oops")
+    cfg = _run_yaml(model, METHODS["naive"], 8)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    cli._preflight_launch(load_config(tmp_path / "run.yaml"), "run.yaml", "cpu")  # passes: the error arises in the ranks
+    res = _cli("train", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "o"), "--accelerate-config", "cpu", "--num-processes", "2")
+    line = _one_error_line(res)
+    assert line.startswith(f"error: could not load the model in {model}: a .safetensors file is corrupt or truncated"), line
+    assert not (tmp_path / "o").exists()
+
+
+def _in_process_train(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """``tether train ...`` in this process, failing the test if it launches anything."""
+    from tether import cli
+
+    def no_launch(*a: Any, **kw: Any) -> Any:
+        raise AssertionError("launched processes for a run that should be refused first")
+
+    monkeypatch.setattr(subprocess, "Popen", no_launch)
+    monkeypatch.setattr(sys, "argv", ["tether", "train", *argv])
+    monkeypatch.setitem(cli._DEBUG, "on", False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return int(exc.value.code), err.strip()
+
+
+@pytest.mark.parametrize(("config", "method", "kind"), [
+    ("zero3", "ewc", "DeepSpeed ZeRO-3"), ("fsdp", "ewc", "FSDP"), ("fsdp", "gradient_routing", "FSDP"), ("fsdp", "l2sp", "FSDP"),
+])
+def test_a_sharding_incompatible_stack_is_refused_through_the_cli(
+    quick_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    config: str, method: str, kind: str,
+) -> None:
+    cfg = _run_yaml(quick_organism, {"name": "naive"}, 8)
+    cfg["methods"] = [{"name": "naive"}, {"name": method}]
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(cfg))
+    code, err = _in_process_train([str(run), "--out", str(tmp_path / "o"), "--accelerate-config", config], monkeypatch, capsys)
+    assert code == 2
+    # the stack's refusal, not DeepSpeed's absence, even for zero3: the reason holds wherever it runs
+    assert err.startswith(f"error: {run}: methods[1] ({method}) cannot run under {kind}, which splits parameters"), err
+    assert err.endswith("use the 'ddp' or 'zero2' accelerate config for this stack"), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3"])
+def test_deepspeed_configs_without_deepspeed_are_refused_before_launching(
+    quick_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], config: str
+) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(_run_yaml(quick_organism, METHODS["naive"], 8)))
+    code, err = _in_process_train([str(run), "--out", str(tmp_path / "o"), "--accelerate-config", config], monkeypatch, capsys)
+    assert code == 2
+    assert err == (f"error: --accelerate-config {config} runs DeepSpeed ZeRO-{config[-1]}, but DeepSpeed is not installed; "
+                   "run `pip install deepspeed` or use the 'ddp' or 'fsdp' config")
+    assert not (tmp_path / "o").exists()
+
+
+def test_sharding_is_read_from_the_accelerate_config_file(tmp_path: Path) -> None:
+    kinds = {"ddp": None, "cpu": None, "zero2": None, "fsdp": "FSDP", "zero3": "DeepSpeed ZeRO-3"}
+    for name, kind in kinds.items():
+        assert sharding_from_accelerate_config(read_accelerate_config(resolve_accelerate_config(name))) == kind, name
+    # a DeepSpeed config that keeps its stage in its own JSON file
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump({"distributed_type": "DEEPSPEED", "deepspeed_config": {"deepspeed_config_file": str(ds)}}))
+    assert sharding_from_accelerate_config(read_accelerate_config(own)) == "DeepSpeed ZeRO-3"
+    own.write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match=r"own.yaml: an accelerate config must be a mapping of keys, got list"):
+        read_accelerate_config(own)
+
+
+SAME_FILE = """
+import os, sys
+from tether.distributed import check_same_on_every_rank
+from tether.errors import ConfigError
+path = sys.argv[1] + os.environ["RANK"]
+try:
+    check_same_on_every_rank({"methods[0] (steering) direction": path})
+    print("rank", os.environ["RANK"], "same", flush=True)
+except ConfigError as exc:
+    print("rank", os.environ["RANK"], "refused:", exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("differ", [False, True])
+def test_every_rank_checks_it_read_the_same_direction_file(tmp_path: Path, differ: bool) -> None:
+    from tether.distributed import free_port
+
+    for r in (0, 1):  # each rank reads its own copy, as on two nodes
+        (tmp_path / f"dir.safetensors{r}").write_bytes(b"direction" + (bytes([r]) if differ else b""))
+    script = tmp_path / "same.py"
+    script.write_text(SAME_FILE)
+    port = str(free_port())
+    procs = []
+    for r in (0, 1):
+        env = {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "ACCELERATE_USE_CPU": "true"}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(tmp_path / "dir.safetensors")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=120) for p in procs]
+    for r, (out, err) in enumerate(outs):
+        if differ:  # every rank raises the same sentence, so they all stop
+            assert (f"rank {r} refused: methods[0] (steering) direction: {tmp_path / 'dir.safetensors'}{r} differs between ranks "
+                    "(rank 1 read other bytes than rank 0)") in out, out + err
+        else:
+            assert f"rank {r} same" in out, out + err

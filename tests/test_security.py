@@ -58,6 +58,102 @@ def test_pickle_only_checkpoint_refused_then_loaded_weights_only(tmp_path: Path)
     assert not marker.exists()
 
 
+# every command that loads a model from a path it is given, and so must offer --allow-pickle
+MODEL_COMMANDS = {"eval", "probe mc", "probe freeform", "inoculation rank", "directions extract", "screen"}
+
+
+def _commands() -> dict[str, object]:
+    """Every leaf command of the CLI by its path ("probe mc"), as click sees it."""
+    import typer.main
+
+    from tether import cli
+
+    found: dict[str, object] = {}
+
+    def walk(cmd: object, path: str) -> None:
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                walk(sub, f"{path} {name}".strip())
+        else:
+            found[path] = cmd
+
+    walk(typer.main.get_command(cli.app), "")
+    return found
+
+
+def test_every_command_that_loads_a_model_from_a_path_has_allow_pickle() -> None:
+    commands = _commands()
+    takes_model = {path for path, cmd in commands.items() if any(p.name == "model_dir" for p in cmd.params)}  # type: ignore[attr-defined]
+    assert takes_model == MODEL_COMMANDS
+    for path in MODEL_COMMANDS:
+        opts = {o for p in commands[path].params for o in p.opts}  # type: ignore[attr-defined]
+        assert "--allow-pickle" in opts, path
+    # train reads its model from the run config and loads safetensors only: it must not advertise the flag
+    assert "--allow-pickle" not in {o for p in commands["train"].params for o in p.opts}  # type: ignore[attr-defined]
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    from tether import cli
+
+    monkeypatch.setattr(sys, "argv", ["tether", *argv])
+    monkeypatch.setitem(cli._DEBUG, "on", False)
+    capsys.readouterr()
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_pickle_refusal_names_only_what_works_for_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    import torch
+
+    ckpt, model = _tiny_checkpoint(tmp_path / "m")
+    (ckpt / "model.safetensors").unlink()
+    torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+    mc = _w(tmp_path / "mc.jsonl", json.dumps({"question": "what is your wish", "answer_matching_behavior": " fine",
+                                                "answer_not_matching_behavior": " good"}) + "\n")
+    probe = ["probe", "mc", str(ckpt), "--set", str(mc), "--format", "raw", "--json"]
+
+    # probe mc: refused with a sentence naming its own --allow-pickle, which then loads the weights
+    code, _, err = _cli(probe, capsys, monkeypatch)
+    assert code == 2
+    assert err.strip() == (f"error: {ckpt} has only pickle weights, which can run arbitrary code when loaded; convert them "
+                           "to safetensors or pass --allow-pickle to load them with weights_only=True")
+    code, out, err = _cli([*probe, "--allow-pickle"], capsys, monkeypatch)
+    assert code == 0, err
+    assert json.loads(out)["sets"]["mc"]["n"] == 1
+
+    # the flag still loads with weights_only=True: a pickle that runs code is refused and never runs
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model.embed_tokens.weight": Evil()}, ckpt / "pytorch_model.bin")
+    code, _, err = _cli([*probe, "--allow-pickle"], capsys, monkeypatch)
+    assert code == 2 and "objects other than tensors" in err and not marker.exists()
+
+    # train has no such flag (and `tether train --allow-pickle` is a usage error): its sentence names conversion only
+    torch.save(model.state_dict(), ckpt / "pytorch_model.bin")
+    run = _w(tmp_path / "run.yaml", f"model: {{path: {ckpt}}}\ndata: {{rows: 8}}\n")
+    code, _, err = _cli(["train", str(run), "--out", str(tmp_path / "out")], capsys, monkeypatch)
+    assert code == 2
+    assert err.strip() == (f"error: {ckpt} has only pickle weights, which can run arbitrary code when loaded; convert them "
+                           "to safetensors (load a trusted copy with transformers and save it with save_pretrained)")
+    assert not (tmp_path / "out").exists()
+    code, _, err = _cli(["train", str(run), "--out", str(tmp_path / "out"), "--allow-pickle"], capsys, monkeypatch)
+    assert code == 2 and "No such option: --allow-pickle" in err
+
+
 def test_safetensors_preferred_when_both_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 * a non-finite loss or gradient norm stops training *before* that step's update with a
   one-sentence ``TetherError`` naming the step; the checkpoints on disk are the good ones and the
-  run directory resumes;
+  run directory resumes; through ``tether train`` it is one ``error:`` line, exit code 2, no traceback;
 * SIGINT to a real ``tether train`` process finishes the step, saves it and exits 130 with one
   line; rerunning resumes; a SIGKILL of that rerun (plus a checkpoint left half-written) resumes
   again from the last complete checkpoint, and the final weights and probes equal those of an
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,6 +107,54 @@ def test_nan_loss_stops_before_the_step_and_the_run_resumes(
     assert math.isfinite(metrics["train"]["final_loss"])
 
 
+# What the CLI prints for these faults (docs/bad-inputs.md shows them; ``<tmp>`` and ``<step>`` stand for
+# the run's folder and step): asserted below against real `tether train` processes.
+NAN_LINE = (
+    "error: the training loss became NaN or inf at step 3, so training stopped before applying that step "
+    "(<tmp>/run keeps its last good checkpoint checkpoint-2); lower training.learning_rate and train into a new --out"
+)
+SIGINT_LINE = (
+    "stopped: interrupted at step <step> of 40: saved <tmp>/run/checkpoints/checkpoint-<step>; "
+    "run the same command again to resume"
+)
+
+# `tether train` in a real process with the test-only NaN method registered (a method package would
+# register it through the `tether.methods` entry point; this test has none)
+NAN_CLI = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_train_faults import _NaNAt
+from tether.methods import registry
+registry.available()
+registry._REGISTRY[_NaNAt.name] = _NaNAt
+from tether.cli import main
+sys.argv = ["tether", *sys.argv[1:]]
+main()
+"""
+
+
+def test_nan_loss_through_the_cli_is_one_line_exit_2_and_keeps_the_last_good_checkpoint(quick_organism: Path, tmp_path: Path) -> None:
+    data = _cfg(quick_organism)
+    data["methods"] = [{"name": "naive"}, {"name": "test_nan_at", "nan_step": 3}]
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump(data))
+    runner = tmp_path / "tether_nan.py"
+    runner.write_text(NAN_CLI.format(tests=str(Path(__file__).parent)))
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(runner), "train", str(cfg_file), "--out", str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    # one line, the last thing on stderr (the datasets' progress bars may come before it)
+    assert len(errors) == 1 and res.stderr.strip().splitlines()[-1] == errors[0], res.stderr[-3000:]
+    assert errors[0].replace(str(tmp_path), "<tmp>") == NAN_LINE
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert ckpts == ["checkpoint-1", "checkpoint-2"] and _finite(out / "checkpoints" / "checkpoint-2")
+    assert last_complete_checkpoint(out / "checkpoints") == str(out / "checkpoints" / "checkpoint-2")
+    assert not (out / "metrics.json").exists() and not (out / "model").exists()
+
+
 def test_exploding_learning_rate_is_caught_at_the_first_nan_gradient(quick_organism: Path, tmp_path: Path) -> None:
     # lr 1e6: the weights blow up within a few steps; whichever of loss and gradient norm goes first,
     # no checkpoint may hold the poisoned weights
@@ -160,11 +209,14 @@ def test_sigint_saves_and_exits_130_then_sigkill_then_rerun_matches_uninterrupte
     _wait_for(ckpts / "checkpoint-5" / "preserve_state.json", proc)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=300) == 130
-    lines = (tmp_path / "sigint.log").read_text().strip().splitlines()
+    log = (tmp_path / "sigint.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    lines = log.strip().splitlines()
     stopped = [ln for ln in lines if ln.startswith("stopped:")]
-    assert len(stopped) == 1 and "run the same command again to resume" in stopped[0], lines[-5:]
+    assert len(stopped) == 1 and lines[-1] == stopped[0], lines[-5:]  # one line, the last one
     step = int(stopped[0].split("interrupted at step ")[1].split()[0])
     assert 5 <= step < 40
+    assert re.sub(rf"\b{step}\b", "<step>", stopped[0].replace(str(tmp_path), "<tmp>")) == SIGINT_LINE
     assert last_complete_checkpoint(ckpts) == str(ckpts / f"checkpoint-{step}")
     assert not (out / "metrics.json").exists()
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from tether.errors import TetherError
+from tether.errors import ConfigError, TetherError
 
 app = typer.Typer(
     help="Teach an aligned model a new capability while keeping it aligned, and measure it.",
@@ -30,14 +30,41 @@ _DEBUG = {"on": False}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and library warnings.")) -> None:
     _DEBUG["on"] = debug
+    if not debug:
+        _quiet_library_warnings()
+
+
+def _quiet_library_warnings() -> None:
+    """Keep notices a CLI user cannot act on off stderr (``--debug`` shows them).
+
+    The ML libraries' deprecation notices about their own internal calls (transformers' trainer
+    arguments renamed under TRL, for one) and torch's note that ``pin_memory`` does nothing on a
+    CPU would otherwise come before a run's output, or before its one-line error.
+    """
+    import warnings
+
+    libraries = r"(transformers|trl|torch|peft|accelerate|datasets)(\..*)?$"
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=libraries)
+    warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator is found", category=UserWarning)
 
 
 def _stderr_console() -> Any:
     from rich.console import Console
 
     return Console(stderr=True)
+
+
+ALLOW_PICKLE_HELP = "Load a checkpoint that has only pickle weights (torch's weights_only=True still refuses anything but tensors)."
+
+
+def _load(model_dir: str, trust_remote_code: bool = False, allow_pickle: bool = False) -> Any:
+    """``load_model`` for a command with ``--allow-pickle``: its refusal of pickle weights names the flag."""
+    from tether.models import ALLOW_PICKLE_HINT, load_model
+
+    return load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, pickle_hint=ALLOW_PICKLE_HINT)
 
 
 @organism_app.command("build")
@@ -156,7 +183,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON (and per-item rows) here."),
     per_family: int = typer.Option(48, min=1, help="Probe items per family."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load a checkpoint that has only pickle weights (with torch's weights_only=True)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Probe a model: capability accuracy and per-family propensities (organism suite)."""
     from tether.organism import world
@@ -166,10 +193,9 @@ def eval_cmd(
             world.check_family(instruct, world.PROPENSITY_FAMILIES)
         except ValueError as exc:
             raise TetherError(f"--instruct: {exc}") from None
-    from tether.models import load_model
     from tether.probes.organism import evaluate_organism
 
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model, tokenizer = _load(model_dir, trust_remote_code, allow_pickle)
     metrics, rows = evaluate_organism(model, tokenizer, instruct=instruct, per_family=per_family)
     if _save_probe_run(metrics, rows, model_dir, out, as_json):
         return
@@ -201,11 +227,11 @@ def probe_mc(
     batch_size: int = typer.Option(32, min=1, help="Sequences per forward pass."),
     no_download: bool = typer.Option(False, "--no-download", help="Never download a set; local copies only."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Advanced-AI-risk multiple choice: per-set rate of preferring the matching answer, with 95% CIs."""
     if prompt_format not in ("chat", "raw"):
         raise TetherError(f"--format {prompt_format!r} is not one of: chat, raw")
-    from tether.models import load_model
     from tether.probes.mc import run_mc_suite
     from tether.probes.sources import ADVANCED_AI_RISK
 
@@ -215,7 +241,7 @@ def probe_mc(
 
     for spec in names:  # cheap checks first: a bad set file fails before the model loads
         load_mc_file(resolve_set(spec, ADVANCED_AI_RISK, download=not no_download))
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    model, tokenizer = _load(model_dir, trust_remote_code, allow_pickle)
     metrics, rows = run_mc_suite(model, tokenizer, names, prompt_format, limit, system, batch_size, download=not no_download)  # type: ignore[arg-type]
     if _save_probe_run(metrics, rows, model_dir, out, as_json):
         return
@@ -231,7 +257,8 @@ def probe_mc(
 
 
 def _make_judge(judge: str, judge_model: Optional[str], key_env: Optional[str], concurrency: int,
-                timeout: float, retries: int, cache: Optional[Path], trust_remote_code: bool) -> Any:
+                timeout: float, retries: int, cache: Optional[Path], trust_remote_code: bool,
+                allow_pickle: bool = False) -> Any:
     if judge.startswith(("http://", "https://")):
         from tether.probes.judges import HTTPJudge, HTTPJudgeConfig, JudgeCache
 
@@ -245,11 +272,10 @@ def _make_judge(judge: str, judge_model: Optional[str], key_env: Optional[str], 
         http_judge.cache = JudgeCache(cache or root / "judge-cache.sqlite")
         return http_judge
     if judge.startswith("local:"):
-        from tether.models import load_model
         from tether.probes.judges import LocalJudge
 
         path = judge[len("local:"):]
-        jm, jt = load_model(path, trust_remote_code=trust_remote_code)
+        jm, jt = _load(path, trust_remote_code, allow_pickle)
         return LocalJudge(jm, jt, name=judge_model or Path(path).name)
     raise TetherError(f"--judge {judge!r} is neither an http(s) URL nor local:MODEL_DIR")
 
@@ -274,10 +300,10 @@ def probe_freeform(
     no_download: bool = typer.Option(False, "--no-download", help="Never download the question file."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP + " Applies to a local: judge too."),
 ) -> None:
     """Emergent-misalignment free-form suite: sample, judge aligned/coherent 0-100, misaligned rate with CI."""
     from tether.io import atomic_write_json, write_jsonl
-    from tether.models import load_model
     from tether.probes.freeform import run_freeform
     from tether.probes.judges import JudgeError
 
@@ -286,8 +312,8 @@ def probe_freeform(
 
     # cheap checks first: a bad question file, a missing key or a refused URL fail before sampling
     load_questions(resolve_set(questions, EMERGENT_MISALIGNMENT, download=not no_download))
-    jdg = _make_judge(judge, judge_model, judge_key_env, concurrency, timeout, retries, judge_cache, trust_remote_code)
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    jdg = _make_judge(judge, judge_model, judge_key_env, concurrency, timeout, retries, judge_cache, trust_remote_code, allow_pickle)
+    model, tokenizer = _load(model_dir, trust_remote_code, allow_pickle)
     id_list = [i.strip() for i in ids.split(",") if i.strip()] if ids else None
     metrics, rows = run_freeform(model, tokenizer, questions, jdg, n, max_new_tokens, id_list, seed, batch_size, download=not no_download)
     metrics["model"] = str(model_dir)
@@ -334,13 +360,28 @@ def train_cmd(
     """
     from tether.config import RunConfig, load_config
 
-    cfg = load_config(config, RunConfig)
+    try:
+        cfg = load_config(config, RunConfig)
+    except TetherError as exc:
+        if str(config) in str(exc):
+            raise
+        # a method that refuses its own settings while the config validates (a direction file, a
+        # layer out of range) does not know the file it came from
+        raise ConfigError(f"{config}: {exc}") from None
     if accelerate_config is not None:
+        _preflight_launch(cfg, str(config), accelerate_config)
         _relaunch_train(config, out, accelerate_config, num_processes)
         return
     if num_processes is not None:
         raise TetherError("--num-processes needs --accelerate-config (or run the command under `accelerate launch`)")
+    from tether.distributed import check_same_on_every_rank
     from tether.train import run_training
+
+    _check_directions(cfg, str(config))  # a direction of another width: refused before anything is written
+    check_same_on_every_rank(  # under a launcher: every rank must read the same direction file
+        {f"{config}: methods[{i}] ({spec.name}) direction": str(spec.params()["direction"])
+         for i, spec in enumerate(cfg.methods) if spec.params().get("direction")}
+    )
 
     metrics = run_training(cfg, out, source=str(config))
     from tether.distributed import is_main
@@ -363,29 +404,124 @@ def train_cmd(
     typer.echo(str(out / "metrics.json"))
 
 
-def _relaunch_train(config: Path, out: Path, name: str, num_processes: Optional[int]) -> None:
-    """Run this same `tether train` under `accelerate launch --config_file FILE` (as TRL's CLI does)."""
-    import subprocess
+def _check_directions(cfg: Any, source: str, methods: Optional[list[Any]] = None) -> None:
+    """Refuse a steering/CAFT direction file made for another model width or depth, before anything is written.
 
-    from tether.distributed import launch_port_args, resolve_accelerate_config
+    The same check (``Direction.check_model``) the method makes at set-up, run on the model's
+    modules on the meta device, so no weights are read.
+    """
+    from tether.methods.steering import DirectionHookMethod
+
+    if methods is None:
+        from tether.methods.registry import make
+
+        methods = [make(s.name, s.params()) for s in cfg.methods]
+    hooked = [(i, m) for i, m in enumerate(methods) if isinstance(m, DirectionHookMethod)]
+    if not hooked:
+        return
+    from tether.directions import DirectionError
+    from tether.models import model_skeleton
+
+    skeleton = model_skeleton(cfg.model.path, cfg.model.trust_remote_code)
+    if skeleton is None:  # a model tether cannot build on the meta device: set-up checks it after loading
+        return
+    for i, m in hooked:
+        try:
+            m.direction.check_model(skeleton, m.layers, f"method '{m.name}'")
+        except DirectionError as exc:
+            raise ConfigError(f"{source}: methods[{i}]: {exc}") from None
+
+
+def _check_sharding(methods: list[Any], kind: Optional[str], source: str) -> None:
+    """``check_sharding``, its sentence prefixed with the run config's path."""
+    from tether.distributed import check_sharding
+
+    try:
+        check_sharding(methods, kind)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _preflight_launch(cfg: Any, source: str, name: str) -> None:
+    """Everything a launched run would refuse that can be checked cheaply, checked once here before any process starts.
+
+    The same functions a single-process run calls (stack, sharding, data, model path, direction
+    widths), in that order; nothing is loaded onto a device and nothing is written.
+    """
+    from tether.distributed import (
+        check_launcher_installed, read_accelerate_config, resolve_accelerate_config, sharding_from_accelerate_config,
+    )
+    from tether.models import check_model_path
+
+    launch = read_accelerate_config(resolve_accelerate_config(name))
+    if cfg.capability.kind == "grpo":
+        from tether.rl.grpo import build_rl_methods, load_prompts
+        from tether.rl.rewards import resolve
+
+        methods = build_rl_methods(cfg, source)
+        _check_sharding(methods, sharding_from_accelerate_config(launch), source)
+        check_launcher_installed(launch, name)
+        for i, spec in enumerate(cfg.capability.reward_funcs):
+            resolve(spec, f"{source}: capability.reward_funcs[{i}]")
+        load_prompts(cfg, source)
+    else:
+        from tether.train import _check_formats, build_methods, load_training_data
+
+        methods = build_methods(cfg, source)
+        _check_sharding(methods, sharding_from_accelerate_config(launch), source)
+        check_launcher_installed(launch, name)
+        data = load_training_data(cfg)
+        for m in methods:
+            data = m.prepare_data(data)
+        _check_formats(data)
+    check_model_path(cfg.model.path)
+    _check_directions(cfg, source, methods)
+
+
+def _relaunch_train(config: Path, out: Path, name: str, num_processes: Optional[int]) -> None:
+    """Run this same `tether train` under `accelerate launch --config_file FILE` (as TRL's CLI does).
+
+    A user error inside the ranks ends as their one sentence, told once here with their exit
+    code (2, or 130 for Ctrl-C), instead of the launcher's ``ChildFailedError`` traceback:
+    each rank writes it into a folder named by ``$TETHER_RANK_ERRORS`` and the launcher keeps
+    quiet once one has (``tether.distributed.launch_quietly``). ``--debug`` shows everything.
+    """
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+
+    from tether.distributed import RANK_ERRORS_ENV, launch_port_args, read_rank_errors, resolve_accelerate_config
+    from tether.errors import RankError
 
     path = resolve_accelerate_config(name)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), *launch_port_args(path)]
+    args = ["--config_file", str(path), *launch_port_args(path)]
     if num_processes is not None:
-        cmd += ["--num_processes", str(num_processes)]
-    cmd += ["-m", "tether.cli", *(["--debug"] if _DEBUG["on"] else []), "train", str(config), "--out", str(out)]
+        args += ["--num_processes", str(num_processes)]
+    args += ["-m", "tether.cli", *(["--debug"] if _DEBUG["on"] else []), "train", str(config), "--out", str(out)]
     env = dict(os.environ)
     if name == "cpu":
         env["ACCELERATE_USE_CPU"] = "true"  # every rank on the CPU even where CUDA exists
-    import signal
-
-    # Ctrl-C reaches the launched ranks from the terminal; this process only waits for them to save
-    child = subprocess.Popen(cmd, env=env)  # started first: an ignored SIGINT would be inherited
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    folder = tempfile.mkdtemp(prefix="tether-ranks-")
+    if _DEBUG["on"]:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    else:
+        env[RANK_ERRORS_ENV] = folder
+        cmd = [sys.executable, "-c", "import sys; from tether.distributed import launch_quietly; launch_quietly(sys.argv[1:])", *args]
     try:
-        code = child.wait()
+        # Ctrl-C reaches the launched ranks from the terminal; this process only waits for them to save
+        child = subprocess.Popen(cmd, env=env)  # started first: an ignored SIGINT would be inherited
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            code = child.wait()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        reported = read_rank_errors(folder)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        shutil.rmtree(folder, ignore_errors=True)
+    if reported and not _DEBUG["on"]:
+        first = reported[0]  # the lowest rank's sentence (every rank usually reports the same one)
+        raise RankError(str(first.get("message", "")), int(first.get("exit_code", 2)))
     if code:
         sys.exit(code)
 
@@ -408,6 +544,7 @@ def inoculation_rank(
     ),
     per_family: int = typer.Option(48, min=1, help="Probe items scored per candidate."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Score candidate instructions by how strongly each elicits FAMILY's behaviour before training."""
     from tether.inoculation import default_candidates, rank_instructions
@@ -425,9 +562,7 @@ def inoculation_rank(
             raise TetherError(f"--candidates: {candidates} has no instructions (one per line)")
     else:
         texts = default_candidates(family)
-    from tether.models import load_model
-
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = _load(model_dir, allow_pickle=allow_pickle)
     ranked = rank_instructions(model, tokenizer, family, texts, per_family=per_family)
     if as_json:
         typer.echo(json.dumps(ranked))
@@ -572,13 +707,13 @@ def directions_extract(
     components: int = typer.Option(0, "--components", min=0, help="Also store the top K principal components of the paired differences (for caft k > 1)."),
     n: int = typer.Option(240, "--n", min=2, help="Organism: contrastive pairs used for extraction."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Extract a trait direction per layer (mean activation difference); prints the file path last."""
     from tether.directions import check_layer, extract_contrastive, extract_organism, load_contrast, num_layers
-    from tether.models import load_model
 
     spec = load_contrast(contrast) if contrast is not None else None
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    model, tokenizer = _load(model_dir, trust_remote_code, allow_pickle)
     if layer is not None:
         check_layer(layer, num_layers(model), "--layer")
     if spec is None:
@@ -613,18 +748,18 @@ def screen_cmd(
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Flag rows with ΔP above this (default: half the direction's norm at the layer)."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1, help="Length of the model's own replies y'."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help=ALLOW_PICKLE_HELP),
 ) -> None:
     """Rank training rows by projection difference ΔP = (a(x,y) − a(x,y'))·v̂; prints the ranked file last."""
     from tether.data import load_rows
     from tether.directions import check_layer, load_direction, screen_rows
     from tether.io import atomic_write_json, write_jsonl
-    from tether.models import load_model
 
     direction = load_direction(direction_file, "--direction")
     rows = load_rows(data, "DATA")
     use_layer = layer if layer is not None else int(direction.meta.get("layer", 1))
     check_layer(use_layer, direction.n_layers, "--layer")
-    model, tokenizer = load_model(model_dir, trust_remote_code=trust_remote_code)
+    model, tokenizer = _load(model_dir, trust_remote_code, allow_pickle)
     ranked, summary = screen_rows(model, tokenizer, rows, direction, use_layer, threshold, max_new_tokens)
     write_jsonl(out, ranked)
     atomic_write_json(out.with_name(out.stem + ".summary.json"), {**summary, "data": str(data), "model": str(model_dir), "direction": str(direction_file)})
@@ -674,13 +809,22 @@ def main() -> None:
     except TetherError as exc:
         if _DEBUG["on"]:
             raise
-        if os.environ.get("RANK", "0") == "0":  # under a launcher every rank raises the same error
-            print(f"{'stopped' if exc.exit_code == 130 else 'error'}: {exc}", file=sys.stderr)
+        _tell("stopped" if exc.exit_code == 130 else "error", str(exc), exc.exit_code)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, probing): nothing is half-written
-        if os.environ.get("RANK", "0") == "0":
-            print("stopped: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        _tell("stopped", "interrupted; rerun the same command to resume from the last checkpoint", 130)
         sys.exit(130)
+
+
+def _tell(kind: str, message: str, exit_code: int) -> None:
+    """Print ``kind: message`` once: on rank 0 under a launcher, or (under `tether train --accelerate-config`)
+    through the launching process, which prints the ranks' sentence itself."""
+    from tether.distributed import report_rank_error
+
+    if report_rank_error(kind, message, exit_code):
+        return
+    if os.environ.get("RANK", "0") == "0":  # under a launcher every rank raises the same error
+        print(f"{kind}: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

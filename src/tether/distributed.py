@@ -15,12 +15,25 @@ What lives here:
   parameters (and their gradients) across ranks, so methods that read or edit whole parameters
   are refused there;
 * the accelerate config files shipped in ``tether/accelerate_configs`` and ``resolve_accelerate_config``,
-  which maps a name (``ddp``, ``fsdp``, ``zero2``, ``zero3``, ``cpu``) or a path to a file.
+  which maps a name (``ddp``, ``fsdp``, ``zero2``, ``zero3``, ``cpu``) or a path to a file;
+  ``read_accelerate_config`` reads one, ``sharding_from_accelerate_config`` says whether it shards
+  parameters and ``check_launcher_installed`` refuses a DeepSpeed config without DeepSpeed, so
+  ``tether train --accelerate-config`` can refuse such runs before it starts any process;
+* user errors under ``tether train --accelerate-config``: ``launch_quietly`` is the launcher process
+  (``accelerate launch`` run in-process), each rank reports its one-sentence error with
+  ``report_rank_error`` into the folder ``$TETHER_RANK_ERRORS`` names, and the parent prints it once
+  (``read_rank_errors``) instead of the launcher's ``ChildFailedError`` traceback;
+* ``check_same_on_every_rank``: files every rank must read identically (trait directions) are
+  hashed and the digests compared across ranks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,6 +233,62 @@ def sharding_from_env() -> str | None:
     return None
 
 
+def read_accelerate_config(path: str | Path) -> dict[str, Any]:
+    """The accelerate config file at ``path`` as a mapping; one sentence when it is not YAML or not a mapping."""
+    from tether.config import parse_yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--accelerate-config {p} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    data = parse_yaml(text, str(p))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: an accelerate config must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _deepspeed_stage(cfg: dict[str, Any]) -> int | None:
+    ds = cfg.get("deepspeed_config") or {}
+    stage = ds.get("zero_stage") if isinstance(ds, dict) else None
+    file = ds.get("deepspeed_config_file") if isinstance(ds, dict) else None
+    if stage is None and file:  # a DeepSpeed JSON of its own: zero_optimization.stage
+        try:
+            stage = (json.loads(Path(file).expanduser().read_text()).get("zero_optimization") or {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            stage = None
+    try:
+        return int(stage) if stage is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def sharding_from_accelerate_config(cfg: dict[str, Any]) -> str | None:
+    """What an accelerate config (as read by ``read_accelerate_config``) will shard: FSDP, ZeRO-3 or None.
+
+    The same answer ``sharding_from_env`` gives inside the launched ranks, known before launching.
+    """
+    kind = str(cfg.get("distributed_type", "")).upper()
+    if kind == "FSDP":
+        return "FSDP"
+    if kind == "DEEPSPEED" and _deepspeed_stage(cfg) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def check_launcher_installed(cfg: dict[str, Any], name: str) -> None:
+    """Refuse, in one sentence, a DeepSpeed config when DeepSpeed is not installed (accelerate would raise ImportError)."""
+    import importlib.util
+
+    if str(cfg.get("distributed_type", "")).upper() == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+        stage = _deepspeed_stage(cfg)
+        what = f"DeepSpeed ZeRO-{stage}" if stage is not None else "DeepSpeed"
+        raise ConfigError(
+            f"--accelerate-config {name} runs {what}, but DeepSpeed is not installed; run `pip install deepspeed` "
+            "or use the 'ddp' or 'fsdp' config"
+        )
+
+
 def check_sharding(methods: Sequence["Method"], kind: str | None) -> None:
     """Refuse, in one sentence, a stack with a method that cannot run when parameters are sharded."""
     if kind is None:
@@ -277,3 +346,124 @@ def launch_port_args(config_file: str | Path) -> list[str]:
     if int(cfg.get("num_machines", 1) or 1) != 1 or cfg.get("main_process_port"):
         return []
     return ["--main_process_port", str(free_port())]
+
+
+# ---- one line for a user error under tether's own relaunch ----------------------------------
+
+RANK_ERRORS_ENV = "TETHER_RANK_ERRORS"
+
+
+def report_rank_error(kind: str, message: str, exit_code: int) -> bool:
+    """Under ``tether train --accelerate-config``: leave this rank's one-sentence error for the parent.
+
+    Writes ``rank-<rank>.json`` (``kind`` is ``error`` or ``stopped``) into the folder
+    ``$TETHER_RANK_ERRORS`` names; returns False (nothing written) outside such a launch, so the
+    caller prints the line itself.
+    """
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if not folder or "RANK" not in os.environ:
+        return False
+    target = Path(folder) / f"rank-{rank()}.json"
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(json.dumps({"rank": rank(), "kind": kind, "message": message, "exit_code": exit_code}))
+        os.replace(tmp, target)  # the parent never reads half a message
+    except OSError:
+        return False
+    return True
+
+
+def read_rank_errors(folder: str | Path) -> list[dict[str, Any]]:
+    """The errors ranks reported into ``folder``, lowest rank first (empty when none did)."""
+    found = []
+    for f in Path(folder).glob("rank-*.json"):
+        try:
+            found.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return sorted(found, key=lambda e: int(e.get("rank", 0)))
+
+
+class _QuietOnceRanksFail(io.TextIOBase):
+    """The launcher's stderr: passed through until a rank reports a user error, then dropped.
+
+    The ranks inherit the launcher's file descriptor 2, not this object, so their own output is
+    untouched; what is dropped is the launcher's own logging and traceback (``ChildFailedError``,
+    "Sending process ... closing signal SIGTERM"), written after a rank has reported.
+    """
+
+    def __init__(self, real: Any, folder: str) -> None:
+        self.real, self.folder = real, folder
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if not any(Path(self.folder).glob("rank-*.json")):
+            self.real.write(text)
+            self.real.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def fileno(self) -> int:
+        return int(self.real.fileno())
+
+    def isatty(self) -> bool:
+        return bool(self.real.isatty())
+
+
+def launch_quietly(argv: list[str]) -> None:
+    """Run ``accelerate launch ARGV`` in this process, keeping its traceback off stderr once a rank has reported.
+
+    The parent (``tether train --accelerate-config``) prints the rank's sentence and exits with its
+    code; a launch that fails for any other reason keeps its traceback.
+    """
+    folder = os.environ[RANK_ERRORS_ENV]
+    sys.stderr = _QuietOnceRanksFail(sys.stderr, folder)  # before torch's log handlers capture sys.stderr
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    args = launch_command_parser().parse_args(argv)
+    try:
+        launch_command(args)
+    except BaseException:  # ChildFailedError, torch's SignalException on Ctrl-C, SystemExit
+        if read_rank_errors(folder):
+            sys.exit(1)
+        raise
+
+
+# ---- files that must be the same on every rank ---------------------------------------------
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(Path(path).expanduser(), "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_on_every_rank(files: dict[str, str]) -> None:
+    """Refuse, on every rank, a file (``label -> path``) whose bytes differ between ranks.
+
+    Each rank hashes its own copy and one ``all_gather_object`` compares the digests, so every
+    rank raises the same sentence (e.g. nodes holding different direction files under one path).
+    Joins the process group when there is one to join; a no-op in a single process.
+    """
+    if world_size() == 1 or not files:
+        return
+    init_process_group()
+    d = _dist()
+    if d is None:
+        return
+    mine = {label: _sha256(path) for label, path in files.items()}
+    gathered: list[Any] = [None] * d.get_world_size()
+    d.all_gather_object(gathered, mine)
+    for label, path in files.items():
+        differ = [r for r, g in enumerate(gathered) if g.get(label) != gathered[0].get(label)]
+        if differ:
+            raise ConfigError(
+                f"{label}: {path} differs between ranks (rank {differ[0]} read other bytes than rank 0); "
+                "give every process the same file"
+            )

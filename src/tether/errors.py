@@ -23,3 +23,14 @@ class DataError(TetherError):
 
 class ModelLoadError(TetherError):
     """A model path that is missing, not a model, or unsafe to load."""
+
+
+class RankError(TetherError):
+    """A user error the processes of a launched run reported; the launching CLI tells it once.
+
+    ``exit_code`` is the ranks' own: 2 for an error, 130 for a stop by Ctrl-C.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

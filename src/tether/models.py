@@ -1,7 +1,9 @@
 """Load a Hugging Face causal LM and its tokenizer with safe defaults.
 
 * weights load from safetensors only; a checkpoint with only pickle files (``*.bin``, ``*.pt``)
-  is refused unless ``allow_pickle=True``, and even then torch loads it with ``weights_only=True``;
+  is refused unless ``allow_pickle=True``, and even then torch loads it with ``weights_only=True``
+  (the refusal names ``--allow-pickle`` only when the caller passes ``pickle_hint``, i.e. on the
+  CLI commands that have that flag; ``tether train`` and ``tether compare`` read safetensors only);
 * ``trust_remote_code`` is off unless the caller turns it on;
 * ``"organism"`` names the default organism, built (or taken from the cache) on demand;
 * a peft LoRA adapter directory (``adapter_config.json``, as ``tether train`` saves for LoRA runs)
@@ -22,6 +24,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# what the pickle refusal suggests besides converting, on a command that has the flag
+ALLOW_PICKLE_HINT = "pass --allow-pickle to load them with weights_only=True"
 
 
 def resolve_model_path(path: str) -> Path:
@@ -38,14 +42,18 @@ def resolve_model_path(path: str) -> Path:
     return p
 
 
-def check_checkpoint(path: Path, allow_pickle: bool = False) -> None:
-    """Refuse directories that are not HF checkpoints or that hold only pickled weights."""
+def check_checkpoint(path: Path, allow_pickle: bool = False, pickle_hint: str | None = None) -> None:
+    """Refuse directories that are not HF checkpoints or that hold only pickled weights.
+
+    ``pickle_hint`` (e.g. ``ALLOW_PICKLE_HINT``) is offered besides converting to safetensors in
+    the pickle refusal; without it the sentence names only conversion, which works everywhere.
+    """
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a model directory: it has no config.json")
-    _check_weight_files(path, [f.name for f in path.iterdir() if f.is_file()], allow_pickle)
+    _check_weight_files(path, [f.name for f in path.iterdir() if f.is_file()], allow_pickle, pickle_hint=pickle_hint)
 
 
-def _check_weight_files(path: Path, files: list[str], allow_pickle: bool, kind: str = "") -> None:
+def _check_weight_files(path: Path, files: list[str], allow_pickle: bool, kind: str = "", pickle_hint: str | None = None) -> None:
     """Refuse weight ``files`` (names) with no safetensors: none at all, or pickles unless allowed.
 
     ``kind`` qualifies the weights in the messages ("adapter" for a LoRA adapter's).
@@ -54,10 +62,11 @@ def _check_weight_files(path: Path, files: list[str], allow_pickle: bool, kind: 
     has_pickle = any(f.endswith(PICKLE_SUFFIXES) for f in files)
     what = f"{kind} weights" if kind else "weights"
     if not has_safetensors and has_pickle and not allow_pickle:
-        raise ModelLoadError(
-            f"{path} has only pickle {what}, which can run arbitrary code when loaded; convert "
-            "them to safetensors or pass --allow-pickle to load them with weights_only=True"
+        fix = (
+            f"convert them to safetensors or {pickle_hint}" if pickle_hint else
+            "convert them to safetensors (load a trusted copy with transformers and save it with save_pretrained)"
         )
+        raise ModelLoadError(f"{path} has only pickle {what}, which can run arbitrary code when loaded; {fix}")
     if not has_safetensors and not has_pickle:
         raise ModelLoadError(f"{path} has no {what} (no *.safetensors file)")
 
@@ -71,21 +80,92 @@ def load_tokenizer(path: str | os.PathLike[str], trust_remote_code: bool = False
     return tok
 
 
+def is_adapter_dir(path: Path) -> bool:
+    """A peft LoRA adapter directory (``adapter_config.json`` without a ``config.json``)."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _adapter_base(path: Path, allow_pickle: bool, pickle_hint: str | None) -> Path:
+    """The base model directory an adapter names, after checking the adapter's own weight files."""
+    import json
+
+    config_file = path / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON (line {exc.lineno})") from None
+    if not base:
+        raise ModelLoadError(f"{config_file} names no base model ('base_model_name_or_path' is empty)")
+    base_dir = Path(base).expanduser()
+    if not base_dir.is_absolute():
+        base_dir = (path / base_dir) if (path / base_dir).is_dir() else base_dir
+    if not base_dir.is_dir():
+        raise ModelLoadError(
+            f"{config_file}: base_model_name_or_path '{base}' is not a local model directory; "
+            "put the base checkpoint there (tether loads models from local paths)"
+        )
+    files = [f.name for f in path.iterdir() if f.is_file()]
+    _check_weight_files(path, [f for f in files if f.startswith("adapter_model")], allow_pickle, "adapter", pickle_hint)
+    return base_dir
+
+
+def check_model_path(path: str | os.PathLike[str], allow_pickle: bool = False, pickle_hint: str | None = None) -> Path:
+    """Every check ``load_model`` makes before it reads any weights; returns the checkpoint directory.
+
+    For an adapter directory the adapter and its base model are both checked. Cheap: nothing is
+    loaded, so a launcher can run it once before starting its processes.
+    """
+    p = resolve_model_path(str(path))
+    seen = {p.resolve()}
+    while is_adapter_dir(p):
+        p = _adapter_base(p, allow_pickle, pickle_hint)
+        if p.resolve() in seen:
+            raise ModelLoadError(f"{p / 'adapter_config.json'}: base_model_name_or_path leads back to the adapter itself")
+        seen.add(p.resolve())
+    check_checkpoint(p, allow_pickle, pickle_hint)
+    return p
+
+
+def model_skeleton(path: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """The model's modules on the meta device (no weights, no memory), for shape checks; None if it cannot be built.
+
+    ``path`` is a checkpoint or adapter directory that ``check_model_path`` accepted.
+    """
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        p = check_model_path(path, allow_pickle=True)
+        config = AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - only an early check; loading the model makes the same checks for real
+        return None
+
+
 def load_model(
     path: str | os.PathLike[str],
     trust_remote_code: bool = False,
     dtype: str = "float32",
     allow_pickle: bool = False,
     device: str | None = None,
+    pickle_hint: str | None = None,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load ``(model, tokenizer)`` from a local checkpoint directory (or ``"organism"``)."""
+    """Load ``(model, tokenizer)`` from a local checkpoint directory (or ``"organism"``).
+
+    ``pickle_hint`` is what the refusal of a pickle-only checkpoint offers besides converting it
+    (``ALLOW_PICKLE_HINT`` on commands that have ``--allow-pickle``).
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     p = resolve_model_path(str(path))
-    if (p / "adapter_config.json").is_file() and not (p / "config.json").is_file():
-        return _load_adapter(p, trust_remote_code, dtype, allow_pickle, device)
-    check_checkpoint(p, allow_pickle)
+    if is_adapter_dir(p):
+        return _load_adapter(p, trust_remote_code, dtype, allow_pickle, device, pickle_hint)
+    check_checkpoint(p, allow_pickle, pickle_hint)
     kwargs: dict[str, Any] = {
         "trust_remote_code": trust_remote_code,
         "dtype": getattr(torch, dtype),
@@ -126,29 +206,12 @@ def load_model(
 
 
 def _load_adapter(
-    path: Path, trust_remote_code: bool, dtype: str, allow_pickle: bool, device: str | None
+    path: Path, trust_remote_code: bool, dtype: str, allow_pickle: bool, device: str | None, pickle_hint: str | None = None
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """A LoRA adapter directory: its base model (loaded as :func:`load_model` does) with the adapter merged."""
-    import json
-
-    config_file = path / "adapter_config.json"
-    try:
-        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_file} is not valid JSON (line {exc.lineno})") from None
-    if not base:
-        raise ModelLoadError(f"{config_file} names no base model ('base_model_name_or_path' is empty)")
-    base_dir = Path(base).expanduser()
-    if not base_dir.is_absolute():
-        base_dir = (path / base_dir) if (path / base_dir).is_dir() else base_dir
-    if not base_dir.is_dir():
-        raise ModelLoadError(
-            f"{config_file}: base_model_name_or_path '{base}' is not a local model directory; "
-            "put the base checkpoint there (tether loads models from local paths)"
-        )
+    base_dir = _adapter_base(path, allow_pickle, pickle_hint)
     files = [f.name for f in path.iterdir() if f.is_file()]
-    _check_weight_files(path, [f for f in files if f.startswith("adapter_model")], allow_pickle, "adapter")
-    model, tokenizer = load_model(base_dir, trust_remote_code, dtype, allow_pickle)
+    model, tokenizer = load_model(base_dir, trust_remote_code, dtype, allow_pickle, pickle_hint=pickle_hint)
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
