@@ -101,6 +101,10 @@ class DirectionHookMethod(Method):
         super().__init__(config)
         self._blocks: dict[int, Any] = {}  # decoder blocks per model, checked once
 
+    def check_model(self, model: "PreTrainedModel") -> None:
+        """Refuse a direction of the wrong width or a layer out of range before the run directory exists."""
+        self.direction.check_model(model, self.layers, f"method '{self.name}'")
+
     def setup(self, ctx: PreserveContext) -> None:
         refuse_checkpointing(ctx.model, self.name)
         self._check(ctx.model)
