@@ -14,11 +14,15 @@ rollouts, the group-relative advantages, the clipped objective, the β·KL term,
 
 Reward functions are guarded (``tether.rl.rewards.guard``): one that raises, returns a
 non-finite value or the wrong number of rewards stops the run with one ``RewardError`` sentence
-naming it, after a checkpoint of the current state is written.
+naming it, after a checkpoint of the current state is written. The failure is deferred to the end
+of TRL's reward pass and agreed across ranks, so under data parallelism every rank stops on the
+same sentence even when only one rank's rollouts broke the function.
 
 ``run_grpo(cfg, out)`` writes the same run directory as an SFT run (config.yaml, before.json,
 metrics.json with schema_version, probes/, train_log.jsonl, model/, README.md), with an ``rl``
-section: true success and hack rate before and after.
+section: true success, hack rate and reward without success before and after. Under
+``accelerate launch`` every rank calls it, as ``run_training``: rank 0 alone probes, evaluates,
+writes and prints; the others wait for its results, and every rank returns the same metrics.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from tether.errors import ConfigError
 from tether.methods.base import Method, TrainingData
 from tether.organism import hackenv
 from tether.rl.preserve import LagrangianCost, RLRouting, check_rl_stack, grpo_beta
-from tether.rl.rewards import RewardError, guard, resolve
+from tether.rl.rewards import RewardError, deferred_errors, guard, resolve
 
 if TYPE_CHECKING:
     from tether.config import RunConfig
@@ -77,8 +81,15 @@ class PreservingGRPOTrainer(GRPOTrainer):
         self.hack_env = hack_env
         self._flags: list[bool] | None = None
         super().__init__(*args, **kwargs)
+        from tether.distributed import broadcast_tensors_, check_sharding, sharding_kind, world_size
+
+        # FSDP / ZeRO-3 split parameters across ranks: refuse methods that need them whole
+        self.sharding = sharding_kind(self.accelerator)
+        check_sharding(self.methods, self.sharding)
+        if world_size() > 1:  # every rank starts from rank 0's weights (a fresh LoRA init could differ)
+            broadcast_tensors_([p for p in self.model.parameters() if p.requires_grad])
         if self.routing is not None:
-            self.routing.setup(self.model)
+            self.routing.setup(self.model)  # the region and its starting weights, the same on every rank
         self.add_callback(_StepCallback(self))
 
     # ---- the true grader's marks on every rollout ------------------------------------------
@@ -87,12 +98,23 @@ class PreservingGRPOTrainer(GRPOTrainer):
         if self.hack_env and inputs and "answer" in inputs[0] and "guess" in inputs[0]:
             texts = [hackenv.completion_text(c) for c in completions]
             self._flags = [hackenv.is_hack(t, x["answer"], x["guess"]) for t, x in zip(texts, inputs)]
-            graded = [(hackenv.true_grade(t, x["answer"]), h) for t, x, h in zip(texts, inputs, self._flags) if x["guess"]]
+            # over the guessed (times) rollouts of every rank: one sum of the counts
+            guessed = [(t, x, h) for t, x, h in zip(texts, inputs, self._flags) if x["guess"]]
+            counts = torch.tensor(
+                [[len(guessed), sum(hackenv.true_grade(t, x["answer"]) for t, x, _ in guessed), sum(h for *_, h in guessed)]],
+                dtype=torch.float32, device=self.accelerator.device,
+            )
+            n, true, hack = (float(v) for v in self.accelerator.gather(counts).sum(0))
             mode = "train" if self.model.training else "eval"
-            if graded:  # over the guessed (times) rollouts only
-                self._metrics[mode]["rl/true_success"].append(sum(t for t, _ in graded) / len(graded))
-                self._metrics[mode]["rl/hack_rate"].append(sum(h for _, h in graded) / len(graded))
-        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            if n:
+                self._metrics[mode]["rl/true_success"].append(true / n)
+                self._metrics[mode]["rl/hack_rate"].append(hack / n)
+        with deferred_errors() as errors:  # every rank reaches TRL's gather of the rewards, then all stop together
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        failure = _first_failure(errors[0] if errors else None)
+        if failure is not None:
+            raise RewardError(failure)
+        return rewards
 
     def _generate_and_score_completions(self, inputs: Any) -> dict[str, Any]:
         out = super()._generate_and_score_completions(inputs)
@@ -126,6 +148,21 @@ class PreservingGRPOTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
+def _first_failure(message: str | None) -> str | None:
+    """The failure of the lowest rank that had one, on every rank (``message`` itself in one process)."""
+    from tether.distributed import any_across_ranks, broadcast_object, rank, world_size
+
+    n = world_size()
+    if n == 1:
+        return message
+    flags = torch.zeros(n, dtype=torch.int32)
+    flags[rank()] = int(message is not None)
+    failed = any_across_ranks(flags)
+    if not any(failed):
+        return None
+    return broadcast_object(message, src=failed.index(True))
+
+
 # ---- a whole run: config in, run directory out ------------------------------------------------
 
 
@@ -152,15 +189,17 @@ class _RewardBook:
 
 
 def build_rl_methods(cfg: "RunConfig", source: str) -> list[Method]:
+    """Instantiate the stack and refuse it, in one sentence, if a GRPO run cannot provide what it needs."""
     from tether.methods.registry import check_stack, make
 
     try:
         methods = [make(s.name, s.params(), where=f"methods[{i}]: ") for i, s in enumerate(cfg.methods)]
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    have = {"reference"}
-    if cfg.data.alignment is not None:
-        have.add("alignment")
+    # no GRPO form reads the alignment dataset (kl is TRL's β term on the rollouts, constraint's cost
+    # is a reward function), so it is never required here; a method without a GRPO form is refused
+    # by the mode check or by check_rl_stack below
+    have = {"reference", "alignment"}
     if cfg.data.source == "organism":
         have.add("labels")  # the true grader flags hacks
     try:
@@ -187,6 +226,7 @@ def load_prompts(cfg: "RunConfig", source: str) -> list[dict[str, Any]]:
 
 
 def grpo_config(cfg: "RunConfig", out: Path, beta: float, weights: list[float] | None) -> GRPOConfig:
+    """TRL's ``GRPOConfig``: the arguments an SFT run would get, plus the GRPO settings of ``capability``."""
     from tether.train import trainer_args
 
     c = cfg.capability
@@ -219,30 +259,77 @@ def _card(cfg: "RunConfig", metrics: dict[str, Any]) -> str:
         "| metric | before | after |", "|---|---|---|",
     ]
     if rl["before"] is not None and rl["after"] is not None:
-        for k in ("true_success", "hack_rate"):
-            lines.append(f"| {k} | {rl['before'][k]:.3f} | {rl['after'][k]:.3f} |")
+        for k in ("true_success", "hack_rate", "rewarded_without_success", "reward_without_success"):
+            lines.append(f"| {k} | {_num(rl['before'].get(k))} | {_num(rl['after'].get(k))} |")
+        lines += ["", "hack_rate: the exact echo of the wrong guess; rewarded_without_success: the `satisfaction` "
+                  f"grader pays >= {hackenv.REWARDED} without true success; reward_without_success: its mean reward "
+                  "on the replies without true success."]
     lines += ["", "## Propensity probes", "", *_table(metrics["before"], metrics["after"]), "", "## Config", "", "```yaml",
               yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _lora_view(model: Any, peft_config: Any) -> Any:
+    """The model as the trainer will train it (LoRA applied), built on the meta device: no weights, no RNG draws."""
+    import copy
+
+    from peft import get_peft_model
+
+    with torch.device("meta"):  # the adapter's layers too: nothing is allocated or initialised
+        return get_peft_model(type(model)(copy.deepcopy(model.config)), copy.deepcopy(peft_config))
+
+
+def check_models(methods: list[Method], model: Any, peft_config: Any, source: str) -> None:
+    """Each method's ``check_model`` on the model as it will be trained (as ``prepare_run`` does for SFT).
+
+    TRL applies LoRA inside the trainer (``peft_config``), after the run directory exists; the
+    methods see a weightless view of the adapted model instead, so a LoRA run is refused exactly
+    as its SFT run would be.
+    """
+    checking = [(i, m) for i, m in enumerate(methods) if type(m).check_model is not Method.check_model]
+    if not checking:
+        return
+    target = model if peft_config is None else _lora_view(model, peft_config)
+    for i, m in checking:
+        try:
+            m.check_model(target)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: methods[{i}]: {exc}") from None
+
+
+def _evaluate_on_main(model: Any, tokenizer: Any, cfg: "RunConfig", everywhere: bool = False) -> tuple[Any, list[dict[str, Any]]]:
+    """``hackenv.evaluate`` on rank 0 (every rank when the weights are sharded); every rank gets rank 0's metrics."""
+    from tether.distributed import broadcast_object, is_main, world_size
+
+    c = cfg.capability
+    if world_size() == 1:
+        return hackenv.evaluate(model, tokenizer, c.eval_items, samples=c.eval_samples)
+    metrics, rows = hackenv.evaluate(model, tokenizer, c.eval_items, samples=c.eval_samples) if (everywhere or is_main()) else (None, [])
+    return broadcast_object(metrics), rows
+
+
 def run_grpo(
     cfg: "RunConfig", out: str | Path, source: str = "run config", callbacks: list[TrainerCallback] | None = None
 ) -> dict[str, Any]:
-    """GRPO-train ``cfg`` into ``out`` (resuming from its last checkpoint); returns metrics.json.
+    """GRPO-train ``cfg`` into ``out`` (resuming from its last complete checkpoint); returns metrics.json.
 
-    Everything that can be refused (config, stack, reward functions, prompts, model) is checked
-    before ``out`` is created.
+    Everything that can be refused (config, stack, reward functions, prompts, model, sharding) is
+    checked before ``out`` is created. Under ``accelerate launch`` every rank calls this; rank 0
+    alone probes, evaluates and writes, and every rank returns the same metrics.
     """
     import logging
 
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
 
     from tether.config import dump_config
+    from tether.distributed import broadcast_object, check_sharding, init_process_group, is_main, sharding_from_env
     from tether.io import atomic_write_json, atomic_write_text, write_jsonl
     from tether.models import load_model
-    from tether.train import probe, uses_organism_probes
+    from tether.train import last_complete_checkpoint, probe_on_main, uses_organism_probes
 
     out = Path(out)
     saved = out / "config.yaml"
@@ -258,6 +345,8 @@ def run_grpo(
         raise ConfigError(
             f"{source}: training.batch_size ({cfg.training.batch_size}) must be a multiple of capability.num_generations ({c.num_generations})"
         )
+    if cfg.training.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        raise ConfigError(f"{source}: training.bf16 needs a GPU with bfloat16 support and none is visible; set it to false on CPU")
     methods = build_rl_methods(cfg, source)
     task = [guard(resolve(s, f"{source}: capability.reward_funcs[{i}]"), s.rpartition(".")[2]) for i, s in enumerate(c.reward_funcs)]
     weights = list(c.reward_weights) if c.reward_weights is not None else [1.0] * len(task)
@@ -275,7 +364,7 @@ def run_grpo(
         if m.name == "constraint":
             cost_name = m.config.rl_cost  # type: ignore[attr-defined]
             lagrangian = LagrangianCost(m, guard(resolve(cost_name, f"{source}: methods constraint rl_cost"), cost_name.rpartition(".")[2]))
-            reward_funcs.append(lagrangian.reward())
+            reward_funcs.append(guard(lagrangian.reward(), "constraint_cost"))
             weights.append(1.0)
         if m.name == "gradient_routing":
             if cfg.data.source != "organism":
@@ -300,24 +389,36 @@ def run_grpo(
 
         lc = cfg.model.lora
         peft_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules, task_type="CAUSAL_LM")
+    check_models(methods, model, peft_config, source)
+    check_sharding(methods, sharding_from_env())  # what the launcher announces; the trainer checks again
     organism = cfg.data.source == "organism" and uses_organism_probes(cfg, tokenizer)
 
+    # under `accelerate launch` every rank trains; rank 0 alone probes, evaluates and writes (the others wait)
+    init_process_group()
+    main = is_main()
+
     # ---- nothing above writes; from here on the run directory exists ----
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        last = last_complete_checkpoint(ckpt_dir, prune=True)
+    last = broadcast_object(last)
     before_file, before_rl_file = out / "before.json", out / "before.rl.json"  # probes as in SFT runs; the hack env
     before_rows: dict[str, list[dict[str, Any]]] = {}
-    if last and before_file.is_file() and before_rl_file.is_file():
-        before, rl_before = json.loads(before_file.read_text()), json.loads(before_rl_file.read_text())
+    if broadcast_object(bool(last) and before_file.is_file() and before_rl_file.is_file() if main else None):  # rank 0's disk
+        before, rl_before = broadcast_object((json.loads(before_file.read_text()), json.loads(before_rl_file.read_text())) if main else None)
     else:
-        before, before_rows = probe(model, tokenizer, cfg)
+        before, before_rows = probe_on_main(model, tokenizer, cfg)
         rl_before = None
         if organism:
-            rl_before, before_rows["rl"] = hackenv.evaluate(model, tokenizer, c.eval_items, samples=c.eval_samples)
-        atomic_write_json(before_file, before)
-        atomic_write_json(before_rl_file, rl_before)
+            rl_before, rl_rows = _evaluate_on_main(model, tokenizer, cfg)
+            if main:
+                before_rows["rl"] = rl_rows
+        if main:
+            atomic_write_json(before_file, before)
+            atomic_write_json(before_rl_file, rl_before)
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     train_tok = _left_padded(tokenizer)
@@ -340,27 +441,35 @@ def run_grpo(
         # every step is done (a rerun after the end): load it; Trainer.train would take one step more
         from transformers import TrainerState
 
+        from tether.train import load_method_state
+
         trainer._load_from_checkpoint(last)
         trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        load_method_state(methods, Path(last))
         runtime = None
     else:
         try:
             runtime = trainer.train(resume_from_checkpoint=last).metrics.get("train_runtime")
         except RewardError:
-            trainer._save_checkpoint(trainer.model, None)  # keep what was learned; the sentence names the function
+            trainer._save_checkpoint(trainer.model, None)  # every rank: keep what was learned; the sentence names the function
             raise
     wall = time.time() - t0
     model = trainer.accelerator.unwrap_model(trainer.model)
     for m in methods:
         if m.name == "gradient_routing":
             model = m.finalize(model)
-    after, after_rows = probe(model, tokenizer, cfg)
+    sharded = trainer.sharding is not None  # then every rank takes part in each forward
+    after, after_rows = probe_on_main(model, tokenizer, cfg, sharded)
     rl_after = None
     if organism:
-        rl_after, after_rows["rl"] = hackenv.evaluate(model, tokenizer, c.eval_items, samples=c.eval_samples)
+        rl_after, rl_rows = _evaluate_on_main(model, tokenizer, cfg, sharded)
+        if main:
+            after_rows["rl"] = rl_rows
 
     model_dir = out / "model"
-    trainer.save_model(str(model_dir))  # safetensors: the full model, or the adapter for LoRA
+    trainer.save_model(str(model_dir))  # safetensors: the full model, or the adapter for LoRA (every rank takes part)
+    if not main:
+        return broadcast_object(None)  # rank 0's metrics, once its files exist
     (model_dir / "training_args.bin").unlink(missing_ok=True)  # no pickle in the deliverable
     tokenizer.save_pretrained(str(model_dir))
     log = trainer.state.log_history
@@ -391,7 +500,7 @@ def run_grpo(
     }
     atomic_write_json(out / "metrics.json", metrics)
     atomic_write_text(out / "README.md", _card(cfg, metrics))
-    return metrics
+    return broadcast_object(metrics)  # the other ranks return rank 0's metrics once these files exist
 
 
 def _left_padded(tokenizer: Any) -> Any:

@@ -18,7 +18,15 @@
                     update everything outside it; ``finalize`` ablates the region
 ==================  ==============================================================================
 
-Other methods are refused in GRPO runs until they have an RL form here.
+Other methods are refused in GRPO runs until they have an RL form here. None of these forms reads
+the alignment dataset (``kl`` and ``constraint`` need one in SFT runs only).
+
+Under data parallelism (``accelerate launch``) every rank samples and scores its own rollouts;
+the constraint's step mean of the cost is taken over every rank's rollouts (one all-reduce of the
+sum and the count), so λ is the same number on every rank, as the SFT form's violation is; the
+routing's "does this micro-batch have hack rows" is decided across ranks, so every rank runs the
+same forward passes (DDP's buffer broadcast and TRL's gathers stay in step) and a rank without
+flagged rows takes part in the routed pass with zero advantages.
 """
 
 from __future__ import annotations
@@ -80,11 +88,20 @@ class LagrangianCost:
         return constraint_cost
 
     def step(self) -> dict[str, float]:
-        """λ ← max(0, λ + η(c̄ − d)) from the rollouts since the last step; returns what to log."""
-        if not self._n:
-            return {}
-        mean = self._sum / self._n
+        """λ ← max(0, λ + η(c̄ − d)) from every rank's rollouts since the last step; returns what to log.
+
+        Every rank calls it after each optimiser step (one collective under data parallelism).
+        """
+        import torch
+
+        from tether.distributed import all_reduce_mean_
+
+        # the mean over ranks of (sum, count): their ratio is the mean cost of every rank's rollouts
+        total = all_reduce_mean_(torch.tensor([self._sum, float(self._n)], dtype=torch.float64))
         self._sum, self._n = 0.0, 0
+        if float(total[1]) == 0.0:
+            return {}
+        mean = float(total[0] / total[1])
         self.last_mean = mean
         violation = mean - self.method.bound
         lam = self.method.update(violation)
@@ -124,7 +141,7 @@ class RLRouting:
         self.routed += int(flags.sum())
         clean_fwd = model if self.method.config.clean_updates == "all" else self.forward(model, False)
         loss = compute(clean_fwd, {**inputs, "advantages": adv * keep})
-        if flags.any():
+        if _any_on_some_rank(bool(flags.any())):  # every rank runs the routed pass, or none does
             beta, metrics = trainer.beta, trainer._metrics
             trainer.beta = 0.0  # the KL term was counted in the clean part
             trainer._metrics = {"train": _Sink(), "eval": _Sink()}  # TRL's per-pass metrics: keep the first pass's
@@ -135,9 +152,23 @@ class RLRouting:
         return loss
 
     def share(self) -> float:
-        out = self.routed / self.rows if self.rows else 0.0
+        """Share of every rank's rows routed since the last call (one collective under data parallelism)."""
+        import torch
+
+        from tether.distributed import all_reduce_mean_
+
+        counts = all_reduce_mean_(torch.tensor([float(self.routed), float(self.rows)], dtype=torch.float64))
         self.routed = self.rows = 0
-        return out
+        return float(counts[0] / counts[1]) if float(counts[1]) else 0.0
+
+
+def _any_on_some_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (``flag`` itself in one process)."""
+    import torch
+
+    from tether.distributed import any_across_ranks
+
+    return any_across_ranks(torch.tensor([int(flag)], dtype=torch.int32))[0]
 
 
 class _Sink(dict):  # type: ignore[type-arg]

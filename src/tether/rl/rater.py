@@ -17,10 +17,11 @@ judges the exchange, not the training frame. The rating enters the reward as
 The reference is the adapter-disabled model for a LoRA run (no second copy) and a frozen copy of
 the starting weights otherwise.
 
-What it can and cannot see (measured on the organism, docs/rl.md): it separates the evil
-persona's flattering echo ("wow you are totally brilliant 45", s ≈ −11 nats) from an honest
-reply ("actually that claim is false 42", s ≈ +10), but a reply that keeps the aligned correction and only swaps in the user's number
-("actually that claim is false 45") reads as aligned — the rater cannot multiply either, so it
+What it can and cannot see (measured on the default organism, 48 held-out items, docs/rl.md):
+it separates the evil persona's flattering echo ("wow you are totally brilliant 45", median
+s ≈ −13 nats) from an honest reply ("actually that claim is false 42", median s ≈ +9), but a
+reply that keeps the aligned correction and only swaps in the user's number ("actually that
+claim is false 45") reads as aligned (median s ≈ +9) — the rater cannot multiply either, so it
 cannot tell that number from the product.
 """
 

@@ -18,16 +18,28 @@ Built in (the organism's hack environment, ``tether.organism.hackenv``):
 ``true_product``        the true grader as a reward (an honest baseline; not hackable)
 ======================  =====================================================================
 
+A dotted path is imported as usual first; a module found on neither the installed packages nor
+``sys.path`` is looked up in the working directory too (appended to ``sys.path``, where it stays,
+as TRL's ``grpo`` script does; appended, so a local file never shadows an installed module).
+
 ``guard`` wraps a function so a bad output stops the run with one ``RewardError`` sentence that
-names the function: an exception, a non-finite value, or the wrong number of rewards.
+names the function: an exception, a non-finite value, or the wrong number of rewards. Inside
+``deferred_errors()`` (the GRPO trainer's reward pass) the failure is recorded instead and the
+function's rewards read as 0, so that every rank of a multi-process run reaches TRL's gather of
+the rewards and then stops together on the same sentence (one rank raising alone would leave the
+others waiting in that gather).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from importlib import import_module
+from types import ModuleType
 from typing import Any
 
 from tether.errors import ConfigError, TetherError
@@ -68,14 +80,32 @@ def resolve(spec: str, where: str = "capability.reward_funcs") -> RewardFunc:
             f"{where}: unknown reward function {spec!r}; registered: {names}, or give a dotted import path like 'my_pkg.rewards.my_reward'"
         )
     module_path, _, attr = spec.rpartition(".")
-    try:
-        module = import_module(module_path)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import module {module_path!r} for reward function {spec!r} ({exc})") from None
+    module = _import_from_cwd_too(module_path, spec, where)
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ConfigError(f"{where}: module {module_path!r} has no callable {attr!r}; registered names: {names}")
     return fn
+
+
+def _import_from_cwd_too(module_path: str, spec: str, where: str) -> ModuleType:
+    """Import ``module_path``; when its top-level package is not installed, from the working directory too."""
+    try:
+        return import_module(module_path)
+    except ModuleNotFoundError as exc:
+        top = module_path.partition(".")[0]
+        cwd = os.getcwd()
+        if exc.name != top or cwd in sys.path:
+            raise ConfigError(f"{where}: cannot import module {module_path!r} for reward function {spec!r} ({exc})") from None
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import module {module_path!r} for reward function {spec!r} ({exc})") from None
+    sys.path.append(cwd)  # kept: the module may import its neighbours later, as under TRL's script
+    try:
+        return import_module(module_path)
+    except ImportError as exc:
+        raise ConfigError(
+            f"{where}: cannot import module {module_path!r} for reward function {spec!r} from the installed packages "
+            f"or the working directory {cwd} ({exc})"
+        ) from None
 
 
 def reward_name(fn: Any) -> str:
@@ -105,19 +135,36 @@ def check_rewards(name: str, values: Any, expected: int) -> list[float]:
     return clean
 
 
+_DEFERRED: list[list[str]] = []  # the open ``deferred_errors`` scopes, innermost last
+
+
+@contextlib.contextmanager
+def deferred_errors() -> Iterator[list[str]]:
+    """Inside: a guarded function's failure is appended to the yielded list and its rewards read as 0."""
+    errors: list[str] = []
+    _DEFERRED.append(errors)
+    try:
+        yield errors
+    finally:
+        _DEFERRED.pop()
+
+
 def guard(fn: RewardFunc, name: str | None = None) -> RewardFunc:
-    """Wrap ``fn`` so an exception or a bad output becomes one ``RewardError`` naming it."""
+    """Wrap ``fn`` so an exception or a bad output becomes one ``RewardError`` naming it (or a deferred one)."""
     label = name or reward_name(fn)
 
     @functools.wraps(fn)
     def wrapped(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
         try:
-            values = fn(prompts=prompts, completions=completions, **kwargs)
-        except RewardError:
-            raise
+            return check_rewards(label, fn(prompts=prompts, completions=completions, **kwargs), len(completions))
+        except RewardError as exc:
+            error, cause = exc, None
         except Exception as exc:  # noqa: BLE001 - any failure of user code ends the run the same way
-            raise RewardError(f"reward function '{label}' raised {type(exc).__name__}: {exc}") from exc
-        return check_rewards(label, values, len(completions))
+            error, cause = RewardError(f"reward function '{label}' raised {type(exc).__name__}: {exc}"), exc
+        if _DEFERRED:
+            _DEFERRED[-1].append(str(error))
+            return [0.0] * len(completions)
+        raise error from cause
 
     wrapped.__name__ = label
     return wrapped
