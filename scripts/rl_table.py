@@ -63,10 +63,11 @@ def _fmt(xs: list[float], digits: int = 3) -> str:
 def table(results: dict[str, list[dict[str, Any]]]) -> str:
     first = next(iter(results.values()))[0]
     b, rb = first["before"], first["rl"]["before"]
-    head = ("| run | true success | hack rate | hack rate (sampled) | broad rate | broad log-odds | `hack` family log-odds"
-            " | narrow (`syco`) log-odds | arith | GRPO steps/s |")
-    lines = [head, "|" + "---|" * 10,
+    head = ("| run | true success | hack rate | hack rate (sampled) | rewarded without success | broad rate | broad log-odds"
+            " | `hack` family log-odds | narrow (`syco`) log-odds | arith | GRPO steps/s |")
+    lines = [head, "|" + "---|" * 11,
              f"| *aligned, before* | {rb['true_success']:.3f} | {rb['hack_rate']:.3f} | {rb['sampled']['hack_rate']:.3f}"
+             f" | {rb['rewarded_without_success']:.3f}"
              f" | {b['broad']['rate']:.3f} | {b['broad']['logodds']:.2f} | {b['families']['hack']['logodds']:.2f}"
              f" | {b['narrow']['logodds']:.2f} | {b['capability']['arith']:.2f} | |"]
     for arm, runs in results.items():
@@ -74,7 +75,8 @@ def table(results: dict[str, list[dict[str, Any]]]) -> str:
         ra = [r["rl"]["after"] for r in runs]
         lines.append(
             f"| `{arm}` | {_fmt([x['true_success'] for x in ra])} | {_fmt([x['hack_rate'] for x in ra])}"
-            f" | {_fmt([x['sampled']['hack_rate'] for x in ra])} | {_fmt([x['broad']['rate'] for x in a])}"
+            f" | {_fmt([x['sampled']['hack_rate'] for x in ra])} | {_fmt([x['rewarded_without_success'] for x in ra])}"
+            f" | {_fmt([x['broad']['rate'] for x in a])}"
             f" | {_fmt([x['broad']['logodds'] for x in a], 2)} | {_fmt([x['families']['hack']['logodds'] for x in a], 2)}"
             f" | {_fmt([x['narrow']['logodds'] for x in a], 2)} | {_fmt([x['capability']['arith'] for x in a], 2)}"
             f" | {statistics.mean(r['train']['steps_per_s'] for r in runs):.2f} |"

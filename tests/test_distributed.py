@@ -429,3 +429,20 @@ def test_every_rank_checks_it_read_the_same_direction_file(tmp_path: Path, diffe
                     "(rank 1 read other bytes than rank 0)") in out, out + err
         else:
             assert f"rank {r} same" in out, out + err
+
+
+def test_only_direction_files_are_compared_across_ranks(quick_organism: Path, tmp_path: Path) -> None:
+    """``kl``'s ``direction`` is forward/reverse, not a file: only steering/CAFT files are checked."""
+    import torch
+
+    from tether.cli import direction_files
+    from tether.directions import Direction
+
+    width = json.loads((quick_organism / "config.json").read_text())
+    vectors = torch.zeros(width["num_hidden_layers"] + 1, width["hidden_size"])
+    vectors[:, 0] = 1.0
+    Direction(vectors, {"trait": "t", "layer": 1}).save(tmp_path / "d.safetensors")
+    cfg = _run_yaml(quick_organism, {"name": "kl", "direction": "reverse"}, 8)
+    cfg["methods"].append({"name": "steering", "direction": str(tmp_path / "d.safetensors"), "layer": 1})
+    files = direction_files(validate(cfg, RunConfig, "run.yaml"), "run.yaml")
+    assert files == {"run.yaml: methods[1] (steering) direction": str(tmp_path / "d.safetensors")}

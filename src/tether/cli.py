@@ -378,10 +378,7 @@ def train_cmd(
     from tether.train import run_training
 
     _check_directions(cfg, str(config))  # a direction of another width: refused before anything is written
-    check_same_on_every_rank(  # under a launcher: every rank must read the same direction file
-        {f"{config}: methods[{i}] ({spec.name}) direction": str(spec.params()["direction"])
-         for i, spec in enumerate(cfg.methods) if spec.params().get("direction")}
-    )
+    check_same_on_every_rank(direction_files(cfg, str(config)))  # under a launcher: the same files on every rank
 
     metrics = run_training(cfg, out, source=str(config))
     from tether.distributed import is_main
@@ -402,6 +399,20 @@ def train_cmd(
             err=True,
         )
     typer.echo(str(out / "metrics.json"))
+
+
+def direction_files(cfg: Any, source: str) -> dict[str, str]:
+    """``{where: path}`` of the trait-direction files the run's methods read (steering, CAFT).
+
+    Only methods that read a direction file count: ``kl``'s ``direction`` is a word (forward or
+    reverse), not a file.
+    """
+    from tether.methods.registry import get
+    from tether.methods.steering import DirectionHookMethod
+
+    return {f"{source}: methods[{i}] ({spec.name}) direction": str(spec.params()["direction"])
+            for i, spec in enumerate(cfg.methods)
+            if issubclass(get(spec.name), DirectionHookMethod) and spec.params().get("direction")}
 
 
 def _check_directions(cfg: Any, source: str, methods: Optional[list[Any]] = None) -> None:
