@@ -884,6 +884,25 @@ def make_trainer(
     return trainer
 
 
+def open_run_dir(cfg: "RunConfig", out: Path) -> tuple[bool, str | None]:
+    """Join the launcher's process group (if any); rank 0 creates ``out`` and saves the config.
+
+    Returns ``(is this rank 0, the last complete checkpoint to resume from)``, the checkpoint
+    as rank 0 sees it on its disk, on every rank.
+    """
+    from tether.config import dump_config
+    from tether.distributed import broadcast_object, init_process_group, is_main
+
+    init_process_group()
+    main = is_main()
+    last = None
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+        last = last_complete_checkpoint(out / "checkpoints", prune=True)
+    return main, broadcast_object(last)
+
+
 def last_complete_checkpoint(ckpt_dir: Path, prune: bool = False) -> str | None:
     """The newest checkpoint whose last file (``preserve_state.json``) was written; with ``prune``, delete newer half-written ones.
 
@@ -964,7 +983,6 @@ def run_training(
         from tether.rl.grpo import run_grpo
 
         return run_grpo(cfg, out, source, callbacks)
-    from tether.config import dump_config
     from tether.io import atomic_write_json, atomic_write_text, write_jsonl
 
     out = Path(out)
@@ -979,21 +997,13 @@ def run_training(
     prepared = prepare_run(cfg, source)
     model, tokenizer = prepared.model, prepared.tokenizer
     # under `accelerate launch` every rank trains; rank 0 alone probes and writes (the others wait)
-    from tether.distributed import broadcast_object, check_sharding, init_process_group, is_main, sharding_from_env
+    from tether.distributed import broadcast_object, check_sharding, sharding_from_env
 
     check_sharding(prepared.methods, sharding_from_env())  # before anything is written (the trainer checks again)
 
-    init_process_group()
-    main = is_main()
-
     # ---- nothing above writes; from here on the run directory exists ----
+    main, last = open_run_dir(cfg, out)
     ckpt_dir = out / "checkpoints"
-    last = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-        last = last_complete_checkpoint(ckpt_dir, prune=True)
-    last = broadcast_object(last)
     before_file = out / "before.json"
     if broadcast_object(bool(last) and before_file.is_file() if main else None):  # rank 0's view of the disk
         before = broadcast_object(json.loads(before_file.read_text()) if main else None)

@@ -325,11 +325,10 @@ def run_grpo(
 
     from datasets import Dataset
 
-    from tether.config import dump_config
-    from tether.distributed import broadcast_object, check_sharding, init_process_group, is_main, sharding_from_env
+    from tether.distributed import broadcast_object, check_sharding, sharding_from_env
     from tether.io import atomic_write_json, atomic_write_text, write_jsonl
     from tether.models import load_model
-    from tether.train import last_complete_checkpoint, probe_on_main, uses_organism_probes
+    from tether.train import open_run_dir, probe_on_main, uses_organism_probes
 
     out = Path(out)
     saved = out / "config.yaml"
@@ -394,17 +393,8 @@ def run_grpo(
     organism = cfg.data.source == "organism" and uses_organism_probes(cfg, tokenizer)
 
     # under `accelerate launch` every rank trains; rank 0 alone probes, evaluates and writes (the others wait)
-    init_process_group()
-    main = is_main()
-
     # ---- nothing above writes; from here on the run directory exists ----
-    ckpt_dir = out / "checkpoints"
-    last = None
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-        last = last_complete_checkpoint(ckpt_dir, prune=True)
-    last = broadcast_object(last)
+    main, last = open_run_dir(cfg, out)
     before_file, before_rl_file = out / "before.json", out / "before.rl.json"  # probes as in SFT runs; the hack env
     before_rows: dict[str, list[dict[str, Any]]] = {}
     if broadcast_object(bool(last) and before_file.is_file() and before_rl_file.is_file() if main else None):  # rank 0's disk
