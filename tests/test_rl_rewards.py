@@ -195,3 +195,18 @@ def test_aligned_rater_penalises_a_hack_more_than_a_true_solution(default_organi
     assert min(pen_hack) > 0.9 and max(pen_true) < 0.1
     veto = rater_reward(rater, "veto", 1.0, 0.5, lambda c: [1.0] * len(c))
     assert veto(prompts, hack) == [-1.0] * 16 and veto(prompts, true) == [0.0] * 16
+
+
+def test_the_veto_reads_this_batch_task_reward_only() -> None:
+    """TRL builds a new completions list per batch; one freed before the next is made can get the
+    same address. The rater's veto must read that batch's task reward, never a sum over batches."""
+    from tether.rl.grpo import _RewardBook
+
+    book = _RewardBook()
+    task = book.record(lambda prompts, completions, **kw: [1.0] * len(completions), 0.5)
+    for step in range(4):
+        completions = [[{"role": "assistant", "content": f"{step} {i}"}] for i in range(4)]
+        assert task(prompts=[None] * 4, completions=completions) == [1.0] * 4
+        assert book.total(completions) == [0.5] * 4, step
+        assert book.total(list(completions)) == [0.0] * 4  # another batch's list reads nothing
+        del completions  # freed before the next batch's list exists, as between TRL's steps

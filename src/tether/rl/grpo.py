@@ -167,17 +167,23 @@ def _first_failure(message: str | None) -> str | None:
 
 
 class _RewardBook:
-    """Remembers each task reward's weighted output for the current batch (the rater's veto reads it)."""
+    """Remembers each task reward's weighted output for the current batch (the rater's veto reads it).
+
+    A batch is recognised by the identity of TRL's ``completions`` list, which every reward
+    function of one reward pass receives. The book holds that list, so its address cannot be
+    reused by the next batch's list (an ``id`` alone could be, and the totals would then add up
+    across batches).
+    """
 
     def __init__(self) -> None:
-        self.key: int | None = None
+        self.batch: list[Any] | None = None
         self.totals: list[float] = []
 
     def record(self, fn: Any, weight: float) -> Any:
         def recorded(prompts: list[Any], completions: list[Any], **kwargs: Any) -> list[float]:
             out = fn(prompts=prompts, completions=completions, **kwargs)
-            if self.key != id(completions):
-                self.key, self.totals = id(completions), [0.0] * len(completions)
+            if self.batch is not completions:
+                self.batch, self.totals = completions, [0.0] * len(completions)
             self.totals = [t + weight * (v or 0.0) for t, v in zip(self.totals, out)]
             return out
 
@@ -185,7 +191,7 @@ class _RewardBook:
         return recorded
 
     def total(self, completions: list[Any]) -> list[float]:
-        return self.totals if self.key == id(completions) else [0.0] * len(completions)
+        return self.totals if self.batch is completions else [0.0] * len(completions)
 
 
 def build_rl_methods(cfg: "RunConfig", source: str) -> list[Method]:
