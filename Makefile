@@ -26,8 +26,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tether demo --out runs/demo
 
+# two pytest-xdist workers, one torch thread each; tests of the default organism share one worker
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
