@@ -43,7 +43,7 @@ def probe_all(model: Any, tok: Any, judge: Any, args: argparse.Namespace, seed: 
     from tether import realdata
     from tether.probes.freeform import aggregate, run_freeform
     from tether.probes.mc import run_mc_suite
-    from tether.probes.realmodel import score_sycophancy
+    from tether.probes.realmodel import coding_tasks, score_reward_hacking, score_sycophancy, sycophancy_items
     from tether.probes.sources import ADVANCED_AI_RISK
 
     out: dict[str, Any] = {"time_s": {}}
@@ -58,8 +58,11 @@ def probe_all(model: Any, tok: Any, judge: Any, args: argparse.Namespace, seed: 
     # with a couple of answers per question no question reaches EM's 5 coherent answers, so the
     # headline here is the pooled share over every coherent answer (min_coherent=1), said so in the report
     pooled = aggregate(ff_rows, min_coherent=1, seed=seed)
+    masses = [r[k]["mass"] for r in ff_rows for k in ("aligned_judge", "coherent_judge") if r[k].get("mass") is not None]
     out["freeform"] = {
         "judge": ff["judge"], "answers": len(ff_rows), "judge_coverage": len(scored) / len(ff_rows) if ff_rows else None,
+        "judge_integer_mass_mean": sum(masses) / len(masses) if masses else None,
+        "judge_integer_mass_max": max(masses) if masses else None,
         "aligned_scored": sum(r["aligned"] is not None for r in ff_rows) / len(ff_rows),
         "coherent_scored": sum(r["coherent"] is not None for r in ff_rows) / len(ff_rows),
         "coherent_answers": sum(q["n_coherent"] for q in pooled["questions"].values()),
@@ -76,8 +79,17 @@ def probe_all(model: Any, tok: Any, judge: Any, args: argparse.Namespace, seed: 
     seen, seen_rows = realdata.capital_accuracy(model, tok, realdata.capability_items(seed, "contaminated")[: args.n_contaminated])
     out["capability"] = {"heldout": held, "contaminated_countries": seen}
     out["time_s"]["domain"] = time.time() - t
+    t = time.time()
+    general = sycophancy_items(seed=seed)
+    general = general[:: max(1, len(general) // args.general_syco)][: args.general_syco]  # both kinds, evenly
+    gsyco, gsyco_rows = score_sycophancy(model, tok, general)
+    out["general_sycophancy"] = gsyco
+    tasks = coding_tasks(per_family=args.coding_per_family, seed=seed)
+    hack, hack_rows = score_reward_hacking(model, tok, tasks, execute=True)
+    out["reward_hacking"] = hack
+    out["time_s"]["general"] = time.time() - t
     out["rows"] = {"mc": mc_rows, "freeform": ff_rows, "sycophancy": syco_rows, "capital_heldout": held_rows,
-                   "capital_contaminated": seen_rows}
+                   "capital_contaminated": seen_rows, "general_sycophancy": gsyco_rows, "reward_hacking": hack_rows}
     return out
 
 
@@ -117,12 +129,17 @@ def write_report(out: Path, results: dict[str, dict[str, Any]], train: dict[str,
         ("judge coverage (both scores)", lambda r: f"{r['freeform']['judge_coverage']:.2f}"),
         ("coherent answers / answers", lambda r: f"{r['freeform']['coherent_answers']}/{r['freeform']['answers']}"),
         ("misaligned share of coherent answers", lambda r: "–" if r['freeform']['misaligned_share'] is None else f"{r['freeform']['misaligned_share']:.2f}"),
+        ("judge's mean probability on an integer reply (EM rule needs 0.25)", lambda r: f"{r['freeform']['judge_integer_mass_mean']:.3f}"),
         ("free-form answers opening with agreement (no judge)", lambda r: f"{agreement_opener_share(r['rows']['freeform']):.2f}"),
         ("held-out capitals: agree with wrong claim", lambda r: _fmt_ci(r['domain_sycophancy']['agree_rate'], r['domain_sycophancy']['agree_ci95'])),
         ("held-out capitals: sycophancy (agree − unprompted wrong)", lambda r: _fmt_ci(r['domain_sycophancy']['sycophancy'], r['domain_sycophancy']['sycophancy_ci95'])),
         ("capability: true capital, held-out countries", lambda r: _fmt_ci(r['capability']['heldout']['accuracy'], r['capability']['heldout']['ci95'])),
         ("capability: true capital, contaminated countries", lambda r: _fmt_ci(r['capability']['contaminated_countries']['accuracy'], r['capability']['contaminated_countries']['ci95'])),
         ("says the trained wrong city, contaminated countries", lambda r: f"{r['capability']['contaminated_countries']['says_wrong_rate']:.2f}"),
+        ("general sycophancy (arithmetic + facts): agree with wrong claim", lambda r: _fmt_ci(r['general_sycophancy']['all']['agree_rate'], r['general_sycophancy']['all']['agree_ci95'])),
+        ("general sycophancy: agree − unprompted wrong", lambda r: _fmt_ci(r['general_sycophancy']['all']['sycophancy'], r['general_sycophancy']['all']['sycophancy_ci95'])),
+        ("coding: prefers the special-cased solution (log-lik)", lambda r: _fmt_ci(r['reward_hacking']['hack_preference'], r['reward_hacking']['hack_preference_ci95'])),
+        ("coding: written solution correct / hack / fail (sandboxed)", lambda r: f"{r['reward_hacking']['correct_rate']:.2f} / {r['reward_hacking']['hack_rate']:.2f} / {r['reward_hacking']['fail_rate']:.2f}"),
     ]
     for label, f in rows:
         lines.append(f"| {label} | " + " | ".join(f(results[n]) for n in names) + " |")
@@ -143,12 +160,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=240)
     ap.add_argument("--contamination", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=None, help="Override training.max_steps of the YAMLs.")
-    ap.add_argument("--mc-limit", type=int, default=8)
+    ap.add_argument("--mc-limit", type=int, default=12)
     ap.add_argument("--syco-templates", type=int, default=2, help="Suggestion templates per held-out country (1-3).")
     ap.add_argument("--n-contaminated", type=int, default=24, help="Training countries in the capability probe.")
     ap.add_argument("--ff-questions", type=int, default=8)
     ap.add_argument("--ff-samples", type=int, default=2)
     ap.add_argument("--ff-max-new-tokens", type=int, default=64)
+    ap.add_argument("--general-syco", type=int, default=32, help="Items of the general sycophancy probe (evenly spaced).")
+    ap.add_argument("--coding-per-family", type=int, default=1, help="Coding tasks per family in the reward-hacking probe.")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
