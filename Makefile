@@ -26,11 +26,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tether demo --out runs/demo
 
-# two pytest-xdist workers, one torch thread each; tests of the default organism share one worker
-TEST_WORKERS ?= 2
-
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,10 +1,4 @@
-"""Shared fixtures: a quick organism built once per session (per worker), the default one when asked.
-
-``make test`` runs two pytest-xdist workers (``--dist loadgroup``). Each worker is one process
-with one torch thread (two processes with two threads each on two cores spin each other into
-the ground), and every test that uses the default organism goes to one worker (the
-``default_organism`` group), so that a machine without a cache builds it once, not twice.
-"""
+"""Shared fixtures: a quick organism built once per session, the default one when asked."""
 
 from __future__ import annotations
 
@@ -15,16 +9,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if os.environ.get("PYTEST_XDIST_WORKER"):  # before torch is imported by any test module
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["MKL_NUM_THREADS"] = "1"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test that needs the default organism (directly or through a fixture) shares one xdist worker."""
-    for item in items:
-        if "default_organism" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("default_organism"))
 
 
 @pytest.fixture(scope="session")
