@@ -43,5 +43,9 @@ def test_demo_quick_writes_a_complete_report(tmp_path: Path, quick_organism: Pat
         for key in ("capability", "broad_rate", "broad_logodds", "narrow_rate", "narrow_logodds"):
             assert math.isfinite(m[key]["mean"]), (m["name"], key)
     md = (out / "report.md").read_text()
+    table = md.split("\n\n")[1]  # the results table, right under the title
     for name in names:
-        assert md.count(f"| {name} |") == 1
+        assert table.count(f"| {name} |") == 1
+    # the methods with a deployment step are also shown before it, one row each way
+    for name in ("gradient_routing", "gradient_routing labels=0.5", "lora safelora"):
+        assert md.count(f"| {name} | before finalize |") == 1 and md.count(f"| {name} | after (deployed) |") == 1
