@@ -377,7 +377,6 @@ def train_cmd(
     from tether.distributed import check_same_on_every_rank
     from tether.train import run_training
 
-    _check_directions(cfg, str(config))  # a direction of another width: refused before anything is written
     check_same_on_every_rank(direction_files(cfg, str(config)))  # under a launcher: the same files on every rank
 
     metrics = run_training(cfg, out, source=str(config))
@@ -415,18 +414,15 @@ def direction_files(cfg: Any, source: str) -> dict[str, str]:
             if issubclass(get(spec.name), DirectionHookMethod) and spec.params().get("direction")}
 
 
-def _check_directions(cfg: Any, source: str, methods: Optional[list[Any]] = None) -> None:
-    """Refuse a steering/CAFT direction file made for another model width or depth, before anything is written.
+def _check_directions(cfg: Any, source: str, methods: list[Any]) -> None:
+    """Before launching: refuse a steering/CAFT direction file made for another model width or depth.
 
-    The same check (``Direction.check_model``) the method makes at set-up, run on the model's
-    modules on the meta device, so no weights are read.
+    The same check (``Direction.check_model``) the method makes in ``check_model`` once a run
+    has loaded its model, here on the model's modules on the meta device, so the launching
+    process reads no weights.
     """
     from tether.methods.steering import DirectionHookMethod
 
-    if methods is None:
-        from tether.methods.registry import make
-
-        methods = [make(s.name, s.params()) for s in cfg.methods]
     hooked = [(i, m) for i, m in enumerate(methods) if isinstance(m, DirectionHookMethod)]
     if not hooked:
         return
@@ -476,15 +472,11 @@ def _preflight_launch(cfg: Any, source: str, name: str) -> None:
             resolve(spec, f"{source}: capability.reward_funcs[{i}]")
         load_prompts(cfg, source)
     else:
-        from tether.train import _check_formats, build_methods, load_training_data
+        from tether.train import prepare_data
 
-        methods = build_methods(cfg, source)
+        methods, _, _ = prepare_data(cfg, source)  # the stack, the data and what the methods make of it
         _check_sharding(methods, sharding_from_accelerate_config(launch), source)
         check_launcher_installed(launch, name)
-        data = load_training_data(cfg)
-        for m in methods:
-            data = m.prepare_data(data)
-        _check_formats(data)
     check_model_path(cfg.model.path)
     _check_directions(cfg, source, methods)
 

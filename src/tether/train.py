@@ -824,32 +824,47 @@ def _split_at_last_reply(data: TrainingData) -> TrainingData:
     )
 
 
-def prepare_run(cfg: "RunConfig", source: str = "run config") -> PreparedRun:
-    """Validate the stack, load and transform the data, load the model (and add the adapter)."""
-    from tether.models import load_model
-
+def check_bf16(cfg: "RunConfig", source: str) -> None:
+    """Refuse ``training.bf16`` where no GPU with bfloat16 support is visible."""
     if cfg.training.bf16:
         import torch
 
         if not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
             raise ConfigError(f"{source}: training.bf16 needs a GPU with bfloat16 support and none is visible; set it to false on CPU")
+
+
+def prepare_data(cfg: "RunConfig", source: str = "run config") -> tuple[list[Method], TrainingData, str]:
+    """The method stack and the training data after every method's ``prepare_data``, with its row format."""
     methods = build_methods(cfg, source)
     data = load_training_data(cfg)
     for m in methods:
         data = m.prepare_data(data)
-    fmt = _check_formats(data)
+    return methods, data, _check_formats(data)
+
+
+def prepare_run(cfg: "RunConfig", source: str = "run config") -> PreparedRun:
+    """Validate the stack, load and transform the data, load the model (and add the adapter)."""
+    from tether.models import load_model
+
+    check_bf16(cfg, source)
+    methods, data, fmt = prepare_data(cfg, source)
     model, tokenizer = load_model(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, dtype=cfg.model.dtype)
     if fmt == "messages" and not assistant_mask_supported(tokenizer):
         data, fmt = _split_at_last_reply(data), "prompt_completion"
     train_ds = _train_dataset(data, cfg)
     if cfg.model.lora is not None:
         model = _apply_lora(model, cfg)
+    check_methods_on(methods, model, source)
+    return PreparedRun(methods, data, fmt, train_ds, model, tokenizer)
+
+
+def check_methods_on(methods: list[Method], model: Any, source: str) -> None:
+    """Every method's ``check_model`` on the model as it will be trained; the refusal names its place in the stack."""
     for i, m in enumerate(methods):
         try:
             m.check_model(model)
         except ConfigError as exc:
             raise ConfigError(f"{source}: methods[{i}]: {exc}") from None
-    return PreparedRun(methods, data, fmt, train_ds, model, tokenizer)
 
 
 def make_trainer(

@@ -296,15 +296,11 @@ def check_models(methods: list[Method], model: Any, peft_config: Any, source: st
     methods see a weightless view of the adapted model instead, so a LoRA run is refused exactly
     as its SFT run would be.
     """
-    checking = [(i, m) for i, m in enumerate(methods) if type(m).check_model is not Method.check_model]
-    if not checking:
-        return
-    target = model if peft_config is None else _lora_view(model, peft_config)
-    for i, m in checking:
-        try:
-            m.check_model(target)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: methods[{i}]: {exc}") from None
+    from tether.train import check_methods_on
+
+    if all(type(m).check_model is Method.check_model for m in methods):
+        return  # nothing to check: no LoRA view to build
+    check_methods_on(methods, model if peft_config is None else _lora_view(model, peft_config), source)
 
 
 def _evaluate_on_main(model: Any, tokenizer: Any, cfg: "RunConfig", everywhere: bool = False) -> tuple[Any, list[dict[str, Any]]]:
@@ -334,7 +330,7 @@ def run_grpo(
     from tether.distributed import broadcast_object, check_sharding, sharding_from_env
     from tether.io import atomic_write_json, atomic_write_text, write_jsonl
     from tether.models import load_model
-    from tether.train import open_run_dir, probe_on_main, uses_organism_probes
+    from tether.train import check_bf16, open_run_dir, probe_on_main, uses_organism_probes
 
     out = Path(out)
     saved = out / "config.yaml"
@@ -350,8 +346,7 @@ def run_grpo(
         raise ConfigError(
             f"{source}: training.batch_size ({cfg.training.batch_size}) must be a multiple of capability.num_generations ({c.num_generations})"
         )
-    if cfg.training.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        raise ConfigError(f"{source}: training.bf16 needs a GPU with bfloat16 support and none is visible; set it to false on CPU")
+    check_bf16(cfg, source)
     methods = build_rl_methods(cfg, source)
     task = [guard(resolve(s, f"{source}: capability.reward_funcs[{i}]"), s.rpartition(".")[2]) for i, s in enumerate(c.reward_funcs)]
     weights = list(c.reward_weights) if c.reward_weights is not None else [1.0] * len(task)
