@@ -103,7 +103,13 @@ class DirectionHookMethod(Method):
 
     def check_model(self, model: "PreTrainedModel") -> None:
         """Refuse a direction of the wrong width or a layer out of range before the run directory exists."""
-        self.direction.check_model(model, self.layers, f"method '{self.name}'")
+        from tether.directions import DirectionError
+        from tether.errors import ConfigError
+
+        try:
+            self.direction.check_model(model, self.layers, f"method '{self.name}'")
+        except DirectionError as exc:  # a config error of this run: the trainer names the file and method
+            raise ConfigError(str(exc)) from None
 
     def setup(self, ctx: PreserveContext) -> None:
         refuse_checkpointing(ctx.model, self.name)
