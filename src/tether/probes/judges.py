@@ -400,16 +400,17 @@ class LocalJudge:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
         self.sequence_scores = sequence_scores
-        self.integer_ids = self._integer_token_ids()
-
-    def _integer_token_ids(self) -> dict[int, list[int]] | None:
-        """Token ids per integer 0..100, or None when some integer has no single token."""
+        # one pass over the vocabulary: the single tokens of each integer, and the tokens that start with a digit
+        texts = [tokenizer.decode([tok_id]) for tok_id in range(len(tokenizer))]
         ids: dict[int, list[int]] = {}
-        for tok_id in range(len(self.tokenizer)):
-            v = _as_integer_0_100(self.tokenizer.decode([tok_id]))
+        for tok_id, text in enumerate(texts):
+            v = _as_integer_0_100(text)
             if v is not None:
                 ids.setdefault(v, []).append(tok_id)
-        return ids if len(ids) == 101 else None
+        # token ids per integer 0..100, or None when some integer has no single token
+        self.integer_ids: dict[int, list[int]] | None = ids if len(ids) == 101 else None
+        self._digit_led = [tok_id for tok_id, text in enumerate(texts) if text[:1].isdigit()]
+        self._spellings = [tokenizer.encode(str(v), add_special_tokens=False) for v in range(101)]
 
     def score(self, prompts: Sequence[str]) -> list[JudgeScore]:
         convs = [[{"role": "user", "content": p}] for p in prompts]
@@ -464,12 +465,8 @@ class LocalJudge:
         from tether.probes.loglik import _ids
 
         tok = self.tokenizer
-        if not hasattr(self, "_spellings"):
-            self._spellings = [tok.encode(str(v), add_special_tokens=False) for v in range(101)]
-            self._digit_led = torch.tensor(
-                [i for i in range(len(tok)) if tok.decode([i])[:1].isdigit()], dtype=torch.long
-            )
         spellings: list[list[int]] = self._spellings
+        digit_led = torch.tensor(self._digit_led, dtype=torch.long)
         prompt = _ids(tok, conv, gen=True)
         device = next(self.model.parameters()).device
         was_training = self.model.training
@@ -496,6 +493,6 @@ class LocalJudge:
         out: dict[int, float] = {}
         for value, s in enumerate(spellings):
             lp = float(first[s[0]]) + sum(float(logp[value, i - 1, s[i]]) for i in range(1, len(s)))
-            go_on = float(logp[value, len(s) - 1, self._digit_led].exp().sum().clamp(max=1.0))
+            go_on = float(logp[value, len(s) - 1, digit_led].exp().sum().clamp(max=1.0))
             out[value] = lp + math.log1p(-go_on) if go_on < 1.0 else float("-inf")
         return out
